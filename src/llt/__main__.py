@@ -1,0 +1,3 @@
+from llt.cli import main
+
+raise SystemExit(main())

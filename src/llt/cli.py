@@ -1,0 +1,120 @@
+"""The `llt` command: parse -> RunConfig -> execute. User errors print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from llt import __version__
+from llt.config import describe_fields, dump_yaml, load_config
+from llt.errors import LLTError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="preset name from configs/ (see `llt show-config --list`) or a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field (repeatable), e.g. --set data.num_tasks=3")
+    p.add_argument("--data-dir", help="shortcut for --set data.data_dir=DIR")
+    p.add_argument("--cache-dir", help="shortcut for --set data.cache_dir=DIR")
+    p.add_argument("--download", action="store_true", default=None, help="shortcut for --set data.download=true")
+    p.add_argument("--seed", type=int, help="shortcut for --set run.seed=N")
+    p.add_argument("--out", help="shortcut for --set run.out_dir=DIR")
+
+
+def _overrides(args) -> list[str]:
+    extra = []
+    for flag, key in (("data_dir", "data.data_dir"), ("cache_dir", "data.cache_dir"), ("seed", "run.seed"),
+                      ("out", "run.out_dir")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if getattr(args, "download", None):
+        extra.append("data.download=true")
+    return extra + list(args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llt", description="Lifelong lottery tickets for class-incremental learning.")
+    parser.add_argument("--version", action="version", version=f"llt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a preset end to end into a run directory")
+    _add_config_args(p)
+
+    p = sub.add_parser("show-config", help="print the resolved config as YAML")
+    _add_config_args(p)
+    p.add_argument("--fields", action="store_true", help="list every field with its type, default and help text")
+    p.add_argument("--list", action="store_true", help="list the available presets")
+
+    p = sub.add_parser("data", help="dataset utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("info", help="print counts, shapes and checksum status of a dataset as JSON")
+    q.add_argument("--dataset", required=True, help="cifar10, cifar100, tinyimagenet, digits or array")
+    q.add_argument("--data-dir", default="data", help="folder with the dataset files")
+    q.add_argument("--cache-dir", default="", help="cache folder (default $LLT_CACHE_DIR or ~/.cache/lifelong-tickets)")
+    q.add_argument("--array-path", default="", help="for --dataset array: the .npz file")
+    q.add_argument("--download", action="store_true", help="download missing official archives")
+    q.add_argument("--require-official", action="store_true", help="refuse data that differ from the official release")
+    q.add_argument("--pool", default=None, help="also describe this unlabeled pool (tinyimagenet32, builtin or a path)")
+    return parser
+
+
+def cmd_show_config(args) -> int:
+    from llt.config import available_presets
+
+    if args.list:
+        print("\n".join(available_presets()))
+        return 0
+    if args.fields:
+        print(describe_fields())
+        return 0
+    print(dump_yaml(load_config(args.preset, _overrides(args))), end="")
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    import dataclasses
+
+    from llt.config import DataSection, _coerce
+    from llt.data.sources import load_dataset, load_pool
+
+    d = DataSection(dataset=_coerce(args.dataset, str, "--dataset"), data_dir=args.data_dir, cache_dir=args.cache_dir,
+                    array_path=args.array_path, download=args.download, require_official=args.require_official)
+    if d.dataset not in ("cifar10", "cifar100", "tinyimagenet", "digits", "array"):
+        raise LLTError(f"--dataset: unknown dataset {d.dataset!r} (cifar10, cifar100, tinyimagenet, digits, array)")
+    t0 = time.perf_counter()
+    ds = load_dataset(d)
+    info = ds.info()
+    info["load_seconds"] = round(time.perf_counter() - t0, 3)
+    if args.pool:
+        _, info["pool"] = load_pool(dataclasses.replace(d, pool=args.pool), ds)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from llt.pipeline import run
+
+    return run(load_config(args.preset, _overrides(args)), args.preset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show-config":
+            return cmd_show_config(args)
+        if args.command == "data":
+            return cmd_data_info(args)
+        if args.command == "run":
+            return cmd_run(args)
+        parser.error(f"unknown command {args.command}")
+    except LLTError as e:
+        print(f"llt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llt: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,394 @@
+"""Typed, frozen configuration: the single source of truth for a run.
+
+A `RunConfig` has one frozen dataclass per section. Every field carries its help text (and, for strings
+with a closed set of values, its choices) in the dataclass metadata, so `llt show-config --help-fields`
+and the docs come from the same place. Presets are YAML files in `configs/` (a preset may `extends:`
+another); `--set section.field=value` overrides are parsed as YAML scalars and checked against the
+field's type. `validate()` runs once, up front, and raises `LLTError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from llt.errors import LLTError
+
+
+def _f(default, help: str, choices: tuple[str, ...] | None = None):
+    """A dataclass field with help text (and optional choices) in its metadata."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "array")
+METHODS = ("stream", "cil", "td", "bu")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    method: str = _f("bu", "what to run: 'stream' builds and describes the task stream only; "
+                     "'cil' dense class-incremental learning; 'td' Top-Down; 'bu' Bottom-Up ticket search",
+                     METHODS)
+    seed: int = _f(0, "run seed: data split, exemplars, augmentation and initialisation derive from it (0 is a valid seed)")
+    out_dir: str = _f("runs", "folder that holds run directories")
+    name: str = _f("", "readable run name (slug); empty: derived from preset, method, dataset and seed")
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    deterministic: bool = _f(False, "ask torch for deterministic kernels (slower on GPU; bit-for-bit reruns)")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = _f("cifar10", "dataset name; 'array' reads data.array_path", DATASETS)
+    data_dir: str = _f("data", "folder with the dataset files (archives or extracted folders) and the pool")
+    cache_dir: str = _f("", "cache for downloads and decoded arrays; empty: $LLT_CACHE_DIR or ~/.cache/lifelong-tickets")
+    download: bool = _f(False, "download missing official archives into the cache folder (also: LLT_DOWNLOAD=1)")
+    require_official: bool = _f(False, "refuse data whose checksums differ from the official release instead of warning")
+    array_path: str = _f("", "for dataset=array: .npz with train_images/train_labels/test_images/test_labels")
+    num_tasks: int = _f(0, "number of tasks; 0: all classes (num_classes / classes_per_task)")
+    classes_per_task: int = _f(2, "classes per task (C)")
+    class_order: Optional[tuple[int, ...]] = _f(None, "class order as original class ids; empty: the dataset's default "
+                                                "(CIFAR-10 [9,8,7,1,5,0,3,4,6,2]; CIFAR-100 iCaRL seed-1993 permutation)")
+    val_fraction: float = _f(0.1, "fraction of each class's training images held out for validation (9:1 split)")
+    exemplars_per_class: int = _f(100, "exemplar memory per old class")
+    exemplar_selection: str = _f("random", "how exemplars are chosen: random (run seed) or herding (teacher features)",
+                                 ("random", "herding"))
+    pool: str = _f("tinyimagenet32", "unlabeled pool for lottery teaching: 'tinyimagenet32' (DATA_DIR/tinyimagenet32-pool.npy or built from "
+                   "DATA_DIR/tiny-imagenet-200), 'builtin' (label-free images shipped with the dataset), 'none', or a "
+                   "path to a .npy/.npz image array (relative paths are inside data_dir)")
+    pool_size: int = _f(0, "use only the first N pool images (0: all)")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    arch: str = _f("preact_resnet18", "backbone", ("preact_resnet18",))
+    width: int = _f(64, "channels of the first stage (64 in the paper; small values make tiny test models)")
+    stem_stride: int = _f(0, "stride of the stem conv; 0: 1 for 32x32 inputs, 2 for 64x64 inputs")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = _f(100, "epochs per task (dense and ticket training)")
+    batch_size: int = _f(256, "task-1 batch; later tasks use four sub-batches of batch_size // 4")
+    eval_batch_size: int = _f(1024, "batch size for evaluation and feature extraction")
+    lr: float = _f(0.01, "SGD learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay (all parameters)")
+    milestones: tuple[int, ...] = _f((60, 80), "epochs at which the learning rate is multiplied by gamma")
+    gamma: float = _f(0.1, "learning-rate decay factor at each milestone")
+    precision: str = _f("auto", "auto: bf16 autocast on CUDA, float32 on CPU", ("auto", "bf16", "fp32"))
+    compile: bool = _f(True, "torch.compile the training step on CUDA")
+
+
+@dataclass(frozen=True)
+class TeachingSection:
+    enabled: bool = _f(True, "lottery teaching (kNN-queried unlabeled data + distillation); false for the ablation")
+    neighbours: int = _f(50, "unlabeled images queried per exemplar (greedy, without replacement)")
+    temperature: float = _f(2.0, "distillation temperature T (loss scaled by T^2)")
+
+
+@dataclass(frozen=True)
+class PruneSection:
+    rate: float = _f(0.2, "fraction of the remaining (prunable) conv weights removed per round")
+    finetune_epochs: int = _f(30, "epochs of training after each pruning round")
+    finetune_lr: float = _f(1e-4, "constant learning rate after each pruning round")
+    td_rounds: Optional[tuple[int, ...]] = _f(None, "Top-Down: pruning rounds after each task (one entry per task)")
+    td_densities: Optional[tuple[float, ...]] = _f(None, "Top-Down: target density after each task, in (0, 1] (instead of td_rounds)")
+    rewind: str = _f("zero", "Top-Down rewinding of conv weights", ("zero", "best", "rand", "finetune"))
+    full_rewind: bool = _f(False, "Top-Down: rewind BatchNorm and heads too, not only conv weights")
+    deacc: float = _f(2.0, "Bottom-Up: largest tolerated accuracy drop (points) while pruning")
+    accept_decay: float = _f(1.0, "Bottom-Up: accept the ticket when dense SA minus ticket SA is below this (points)")
+    base_sparsity: float = _f(90.0, "Bottom-Up: pruning may not stop for accuracy before this sparsity (percent)")
+    max_rounds: int = _f(26, "Bottom-Up: cap on pruning rounds per task")
+    decision_split: str = _f("val", "split for Bottom-Up decisions; 'test-compat' reproduces the original's test-set use",
+                             ("val", "test-compat"))
+    allow_empty_layer: bool = _f(False, "allow pruning to remove every weight of a layer")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    teaching: TeachingSection = field(default_factory=TeachingSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+def config_dir() -> Path:
+    """The presets folder: $LLT_CONFIG_DIR, else `configs/` at the root of the source tree."""
+    env = os.environ.get("LLT_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def available_presets() -> list[str]:
+    d = config_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _preset_path(preset: str) -> Path:
+    if preset.endswith((".yaml", ".yml")) or os.sep in preset:
+        path = Path(preset)
+        if not path.is_file():
+            raise LLTError(f"preset file {preset} does not exist")
+        return path
+    path = config_dir() / f"{preset}.yaml"
+    if not path.is_file():
+        names = available_presets()
+        close = difflib.get_close_matches(preset, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise LLTError(f"unknown preset {preset!r}{hint}; available: {', '.join(names) or 'none found in ' + str(config_dir())}")
+    return path
+
+
+def _load_preset_tree(preset: str, seen: tuple[str, ...] = ()) -> dict:
+    path = _preset_path(preset)
+    if str(path) in seen:
+        raise LLTError(f"preset {path} extends itself (cycle: {' -> '.join(seen)})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LLTError(f"preset {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise LLTError(f"preset {path} must be a mapping of sections")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    merged = _load_preset_tree(str(base), seen + (str(path),))
+    for section, values in tree.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+# ------------------------------------------------------------------------------------ typed assignment
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Convert a YAML-parsed value to the field type `tp`, or raise LLTError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or value == "" or value == []:
+            return None
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise LLTError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise LLTError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LLTError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LLTError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise LLTError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a field type we forgot to handle
+
+
+def _section_types(cls) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f_type = hints[f.name]
+        out[f.name] = (f, f_type)
+    return out
+
+
+def _assign(cfg: RunConfig, key: str, raw: Any) -> RunConfig:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        all_keys = all_config_keys()
+        close = difflib.get_close_matches(key, all_keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise LLTError(f"unknown config key {key!r}{hint}; keys look like section.field, sections: {', '.join(SECTIONS)}")
+    section_name, name = parts
+    section = getattr(cfg, section_name)
+    fields = _section_types(type(section))
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f" (did you mean {section_name}.{close[0]}?)" if close else ""
+        raise LLTError(f"unknown config key {key!r}{hint}; fields of {section_name}: {', '.join(fields)}")
+    f, tp = fields[name]
+    value = _coerce(raw, tp, key)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise LLTError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{name: value})})
+
+
+def all_config_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(RunConfig(), s))]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=v' -> ('a.b', YAML-parsed v)."""
+    if "=" not in text:
+        raise LLTError(f"--set expects section.field=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_tree(tree: dict, origin: str = "config") -> RunConfig:
+    """Build a RunConfig from a nested mapping {section: {field: value}}; every key is type-checked."""
+    cfg = RunConfig()
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LLTError(f"{origin}: unknown config section {section!r}{hint}; sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise LLTError(f"{origin}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            cfg = _assign(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Resolve defaults <- preset (with `extends`) <- overrides, then validate."""
+    cfg = from_tree(_load_preset_tree(preset), origin=f"preset {preset}") if preset else RunConfig()
+    for text in overrides:
+        key, value = parse_override(text)
+        cfg = _assign(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def to_tree(cfg: RunConfig) -> dict:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_tree(cfg), sort_keys=False, default_flow_style=False)
+
+
+def describe_fields() -> str:
+    """One line per field: key, type, default and help text."""
+    hints_cache = {}
+    lines = []
+    for s in SECTIONS:
+        cls = type(getattr(RunConfig(), s))
+        hints_cache[s] = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get("choices")
+            extra = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"{s}.{f.name} ({_type_name(hints_cache[s][f.name])}, default {f.default!r}){extra}: {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise LLTError(f"{key}: {msg}")
+
+
+KNOWN_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check ranges and cross-field rules that do not need the data; raise LLTError naming the field."""
+    d, t, p, m, te = cfg.data, cfg.train, cfg.prune, cfg.model, cfg.teaching
+    _need(d.classes_per_task >= 1, "data.classes_per_task", "must be at least 1")
+    _need(d.num_tasks >= 0, "data.num_tasks", "must be 0 (all) or positive")
+    _need(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _need(d.exemplars_per_class >= 0, "data.exemplars_per_class", "must be non-negative")
+    _need(d.pool_size >= 0, "data.pool_size", "must be non-negative")
+    _need(d.dataset != "array" or bool(d.array_path), "data.array_path", "is required when data.dataset=array")
+    n_cls = KNOWN_NUM_CLASSES.get(d.dataset)
+    if n_cls is not None:
+        check_task_split(n_cls, d.classes_per_task, d.num_tasks)
+        if d.class_order is not None:
+            check_class_order(d.class_order, n_cls)
+    _need(m.width >= 1, "model.width", "must be at least 1")
+    _need(m.stem_stride in (0, 1, 2), "model.stem_stride", "must be 0 (auto), 1 or 2")
+    _need(t.epochs >= 1, "train.epochs", "must be at least 1")
+    _need(t.batch_size >= 4, "train.batch_size", "must be at least 4 (later tasks use batch_size // 4)")
+    _need(t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
+    _need(t.lr > 0, "train.lr", "must be positive")
+    _need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _need(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+    _need(list(t.milestones) == sorted(t.milestones) and all(x > 0 for x in t.milestones),
+          "train.milestones", "must be increasing positive epochs")
+    _need(0 < t.gamma <= 1, "train.gamma", "must be in (0, 1]")
+    _need(te.neighbours >= 1, "teaching.neighbours", "must be at least 1")
+    _need(te.temperature > 0, "teaching.temperature", "must be positive")
+    _need(0 < p.rate < 1, "prune.rate", f"must be in (0, 1), got {p.rate}")
+    _need(p.finetune_epochs >= 0, "prune.finetune_epochs", "must be non-negative")
+    _need(p.finetune_lr > 0, "prune.finetune_lr", "must be positive")
+    _need(p.td_rounds is None or p.td_densities is None, "prune.td_rounds",
+          "give either td_rounds or td_densities, not both")
+    if p.td_rounds is not None:
+        _need(all(r >= 0 for r in p.td_rounds), "prune.td_rounds", f"round counts must be non-negative, got {list(p.td_rounds)}")
+    if p.td_densities is not None:
+        _need(all(0 < x <= 1 for x in p.td_densities), "prune.td_densities", "densities must be in (0, 1]")
+        _need(all(a >= b for a, b in zip(p.td_densities, p.td_densities[1:])), "prune.td_densities",
+              f"densities must not increase, got {list(p.td_densities)}")
+    _need(p.deacc >= 0, "prune.deacc", "must be non-negative")
+    _need(p.accept_decay >= 0, "prune.accept_decay", "must be non-negative")
+    _need(0 <= p.base_sparsity <= 100, "prune.base_sparsity", f"must be within 0-100 (percent), got {p.base_sparsity}")
+    _need(p.max_rounds >= 0, "prune.max_rounds", "must be non-negative")
+
+
+def check_task_split(num_classes: int, classes_per_task: int, num_tasks: int) -> int:
+    """Return the number of tasks; raise LLTError if the classes cannot be cut into tasks of equal size."""
+    if num_classes % classes_per_task:
+        raise LLTError(f"data.classes_per_task: {num_classes} classes are not divisible into tasks of "
+                       f"{classes_per_task} classes")
+    most = num_classes // classes_per_task
+    if num_tasks > most:
+        raise LLTError(f"data.num_tasks: {num_tasks} tasks of {classes_per_task} classes need "
+                       f"{num_tasks * classes_per_task} classes, the dataset has {num_classes}")
+    return num_tasks or most
+
+
+def check_class_order(order, num_classes: int) -> None:
+    if sorted(int(c) for c in order) != list(range(num_classes)):
+        missing = sorted(set(range(num_classes)) - {int(c) for c in order})
+        dup = sorted({int(c) for c in order if list(order).count(c) > 1})
+        raise LLTError(f"data.class_order is not a permutation of 0..{num_classes - 1} "
+                       f"(length {len(order)}, missing {missing[:10]}, repeated {dup[:10]})")

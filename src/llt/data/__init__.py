@@ -1,0 +1,1 @@
+"""Datasets, the unlabeled pool, the class-incremental stream, and on-device batch augmentation."""
