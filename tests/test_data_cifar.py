@@ -3,6 +3,8 @@
 import io
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,15 +214,34 @@ def test_real_official_meta_file_reads_with_the_restricted_unpickler():
     assert meta[b"label_names"][9] == b"truck" and meta[b"num_cases_per_batch"] == 10000
 
 
-REAL = os.environ.get("LLT_TEST_CIFAR10_DIR", "")
+@pytest.fixture(scope="session")
+def real_cifar10_dir(tmp_path_factory):
+    """A folder with the real CIFAR-10 copy: $LLT_TEST_CIFAR10_DIR, else unpacked from ../shared/data (~10 s)."""
+    env = os.environ.get("LLT_TEST_CIFAR10_DIR")
+    if env:
+        return env
+    if not (SHARED_DATA / "unpack.py").is_file() or not (SHARED_DATA / "cifar10-jpeg.npz").is_file():
+        pytest.skip("../shared/data not present (and LLT_TEST_CIFAR10_DIR not set)")
+    pytest.importorskip("PIL")
+    out = tmp_path_factory.mktemp("real-cifar10")
+    subprocess.run([sys.executable, str(SHARED_DATA / "unpack.py"), "--out", str(out), "--skip-pool"],
+                   check=True, capture_output=True, timeout=600)
+    return str(out)
 
 
-@pytest.mark.skipif(not REAL, reason="set LLT_TEST_CIFAR10_DIR to a folder holding cifar-10-batches-py (unpack.py output)")
-def test_real_cifar10_copy_loads_and_is_flagged_as_modified():
-    ds = cifar.load_cifar("cifar10", REAL)
+def test_real_cifar10_copy_loads_and_is_flagged_as_modified(real_cifar10_dir, capsys):
+    ds = cifar.load_cifar("cifar10", real_cifar10_dir)
     info = ds.info()
     assert info["num_train"] == 50000 and info["num_test"] == 10000
     assert info["train_per_class"] == [5000] * 10 and info["test_per_class"] == [1000] * 10
+    assert ds.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert ds.provenance["files"]["batches.meta"]["matched"] is True       # the meta file is the official one
     assert ds.provenance["files"]["data_batch_1"]["matched"] is False      # the pixels come from JPEGs
     assert ds.provenance["checksums_matched"] is False
+    assert "NOT the official cifar10 data" in capsys.readouterr().err
+    # the stream of the paper preset on the real labels: 4,500 / 500 per class, 2,000 test images per task
+    from llt.data.stream import build_stream
+    s = build_stream("cifar10", ds.train_labels, ds.test_labels, 10, classes_per_task=2)
+    assert [t.classes for t in s.tasks][0] == (9, 8)
+    assert all(t.train_idx.numel() == 9000 and t.val_idx.numel() == 1000 and t.test_idx.numel() == 2000 for t in s.tasks)
+    assert s.memory(4).numel() == 800

@@ -1,0 +1,69 @@
+"""Metrics on hand-made matrices (the worked examples of docs/metrics.md) and the evaluation protocol."""
+
+import math
+
+import pytest
+import torch
+
+from llt.data.augment import Normalizer
+from llt.data.stream import build_stream
+from llt.evaluation import evaluate_seen_tasks
+from llt.metrics import (average_incremental_accuracy, backward_transfer, forgetting, per_class_accuracy,
+                         standard_accuracy, summarize)
+from llt.models import build_model
+
+R = [[90.0], [80.0, 70.0], [60.0, 50.0, 40.0]]
+
+
+def test_standard_accuracy_is_the_row_mean():
+    assert standard_accuracy(R) == [90.0, 75.0, 50.0]
+
+
+def test_average_incremental_accuracy():
+    assert average_incremental_accuracy(R) == pytest.approx([90.0, 82.5, 215.0 / 3])
+
+
+def test_forgetting_uses_the_best_earlier_accuracy():
+    # t=1: 90-80 = 10; t=2: task 0 best 90 -> 60 (30), task 1 best 70 -> 50 (20): mean 25
+    assert forgetting(R) == [None, 10.0, 25.0]
+    # an old task that improved later: its best earlier value counts, not its first
+    assert forgetting([[50.0], [70.0, 90.0], [60.0, 90.0, 80.0]])[2] == pytest.approx((10.0 + 0.0) / 2)
+
+
+def test_backward_transfer():
+    assert backward_transfer(R) == [None, -10.0, -25.0]
+    assert backward_transfer([[50.0], [70.0, 90.0]])[1] == 20.0
+
+
+def test_square_matrix_with_nan_above_the_diagonal_is_accepted():
+    sq = [[90.0, math.nan, math.nan], [80.0, 70.0, math.nan], [60.0, 50.0, 40.0]]
+    assert summarize(sq) == summarize(R)
+    with pytest.raises(ValueError, match="row 1 must hold 2 numbers"):
+        standard_accuracy([[90.0], [80.0]])
+
+
+def test_per_class_accuracy():
+    assert per_class_accuracy([0, 1, 1, 2, 0], [0, 1, 0, 2, 0], 4) == [pytest.approx(200 / 3), 100.0, 100.0, None]
+
+
+def test_evaluation_is_task_agnostic_over_seen_heads_only():
+    # 2 classes per task; task test sets are balanced. Make the model's prediction depend only on the
+    # head biases: zero head weights, so the arg-max is the largest bias among the seen heads.
+    y = torch.arange(6).repeat_interleave(4)
+    s = build_stream("toy", y, y, 6, classes_per_task=2, exemplars_per_class=0)
+    model = build_model(3, 2, width=4, seed=0)
+    with torch.no_grad():
+        for branch in (model.heads_main, model.heads_aux):
+            for h in branch:
+                h.weight.zero_()
+                h.bias.zero_()
+        model.heads_main[1].bias.copy_(torch.tensor([5.0, 0.0]))   # label 2 wins among heads 1..2
+        model.heads_main[2].bias.copy_(torch.tensor([0.0, 9.0]))   # label 5 would win if head 3 were scored
+        model.heads_aux[0].bias.fill_(100.0)                       # the aux branch is never evaluated
+    images = torch.zeros(24, 3, 8, 8, dtype=torch.uint8)
+    norm = Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")
+    out = evaluate_seen_tasks(model, images, s, 1, norm)
+    assert out["row"] == [0.0, 50.0]                 # task 0: nothing right; task 1: all of label 2
+    assert out["overall"] == 25.0
+    assert out["per_class"] == [0.0, 0.0, 100.0, 0.0]
+    assert evaluate_seen_tasks(model, images, s, 2, norm)["row"] == [0.0, 0.0, 50.0]
