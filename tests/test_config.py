@@ -87,3 +87,15 @@ def test_defaults_are_the_papers():
     assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay, cfg.train.batch_size) == (0.01, 0.9, 5e-4, 256)
     assert (cfg.teaching.neighbours, cfg.teaching.temperature, cfg.prune.rate, cfg.prune.finetune_epochs) == (50, 2.0, 0.2, 30)
     assert cfg.prune.finetune_lr == 1e-4 and cfg.prune.decision_split == "val"
+
+
+def test_configuration_doc_lists_every_field():
+    from pathlib import Path
+
+    from llt.config import all_config_keys
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    missing = [k for k in all_config_keys() if f"`{k}`" not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}"
+    for preset in REQUIRED:
+        assert f"`{preset}`" in doc
