@@ -80,4 +80,7 @@ def run(cfg: RunConfig, preset: str | None = None) -> int:
           f"{list(ds.image_shape)}, {stream.num_tasks} tasks x {stream.classes_per_task} classes, "
           f"class order {list(stream.class_order)}, seed {cfg.run.seed} (loaded in {load_s:.2f} s)")
     print(format_stream_table(rows, pool_info))
+    if stream.exemplar_selection == "herding":
+        print(f"exemplars: herding, {stream.exemplars_per_class} per class, selected from teacher features once each "
+              f"task is learned (the memory column counts only what is known before training)")
     return 0
