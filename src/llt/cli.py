@@ -40,8 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run a preset end to end into a run directory")
+    p = sub.add_parser("run", help="run a preset end to end into a run directory (reruns skip finished stages)")
     _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (per-task lines and the final table only)")
+
+    p = sub.add_parser("eval", help="re-evaluate the stored model of task k of a run on tasks 1..k")
+    p.add_argument("run_dir", help="a run directory written by `llt run`")
+    p.add_argument("--task", type=int, required=True, help="task k (1-based)")
+    p.add_argument("--data-dir", help="the data folder, if it moved since the run")
 
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
@@ -97,7 +103,14 @@ def cmd_data_info(args) -> int:
 def cmd_run(args) -> int:
     from llt.pipeline import run
 
-    return run(load_config(args.preset, _overrides(args)), args.preset)
+    return run(load_config(args.preset, _overrides(args)), args.preset, quiet=args.quiet)
+
+
+def cmd_eval(args) -> int:
+    from llt.pipeline import evaluate_run
+
+    evaluate_run(args.run_dir, args.task, args.data_dir)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_info(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         parser.error(f"unknown command {args.command}")
     except LLTError as e:
         print(f"llt: error: {e}", file=sys.stderr)

@@ -18,23 +18,50 @@ import torch.nn.functional as F
 
 BRANCHES = ("main", "aux")
 
+# A fused batch is a concatenation of sub-batches; `segments` lists them as (size, updates) pairs. In
+# train mode each segment is normalised with its own batch statistics, exactly as if it had gone
+# through the network alone, and the BatchNorm running statistics are updated `updates` times with that
+# segment's statistics, in order: the state the original reaches with one forward pass per update.
+Segments = tuple[tuple[int, int], ...]
+
+
+class SegmentBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that can normalise a concatenated batch per segment (ghost-batch style, uneven sizes)."""
+
+    def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        if segments is None or not self.training:
+            return super().forward(x)
+        outs = []
+        for part, (_, updates) in zip(x.split([n for n, _ in segments]), segments):
+            # Normalise with this segment's batch statistics; the running statistics are updated below,
+            # explicitly, so that autograd never sees them change.
+            outs.append(F.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps))
+            if updates:
+                with torch.no_grad():
+                    var, mean = torch.var_mean(part.detach().float(), dim=(0, 2, 3), correction=1)
+                    for _ in range(updates):  # what `updates` separate train-mode passes would do
+                        self.running_mean.lerp_(mean, self.momentum)
+                        self.running_var.lerp_(var, self.momentum)
+        self.num_batches_tracked.add_(sum(u for _, u in segments))
+        return torch.cat(outs)
+
 
 class PreActBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = SegmentBatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = SegmentBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
+    def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        out = F.relu(self.bn1(x, segments))
         # The projection shortcut sees the pre-activated input; the identity shortcut the raw input.
         shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(F.relu(self.bn2(out, segments)))
         return out + shortcut
 
 
@@ -55,17 +82,22 @@ class PreActResNet18(nn.Module):
         self.conv1 = nn.Conv2d(3, width, 3, stem_stride, 1, bias=False)
         in_planes, stages = width, []
         for planes, stride in zip(widths, (1, 2, 2, 2)):
-            stages.append(nn.Sequential(PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)))
+            stages.append(nn.ModuleList([PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)]))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.feature_dim = widths[-1]
         self.heads_main = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task) for _ in range(num_tasks))
         self.heads_aux = nn.ModuleList(nn.Linear(self.feature_dim, classes_per_task) for _ in range(num_tasks))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) -> pooled features (N, feature_dim)."""
+    def features(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        """Images (N, 3, H, W) -> pooled features (N, feature_dim).
+
+        `segments` (train mode only): BatchNorm statistics per sub-batch of a concatenated batch.
+        """
         out = self.conv1(x)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                out = block(out, segments)
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
     def head_logits(self, feats: torch.Tensor, num_heads: int, branch: str = "main") -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""THE training loop (METHOD 3.1 and 3.2): the only place that calls optimizer.step().
+
+Task 1: cross-entropy on both branches for the same batch. Tasks k+1 >= 2: the five-term loss
+
+    L = (CE_aux(x_rand) + KD_aux(x_unl)) + 0.5 * (coef_new * CE_main(x_new) + coef_old * CE_main(x_old) + KD_main(x_unl))
+
+with sub-batches of b = batch_size // 4: 64 random images of new data + exemplars (one epoch is one pass
+over them), a balanced batch of int(b/(k+1)) new and int(b*k/(k+1)) old images (both restarted when they
+run out), and b frozen-augmented unlabeled images with their teacher logits.
+
+Fusion (METHOD decision 4): the original runs five forward passes per step. Here the sub-batches are
+concatenated and go through the backbone once, with BatchNorm statistics computed per sub-batch and the
+running statistics updated once per original pass, in the original order (the unlabeled images twice, the
+task-1 batch twice). Loss and gradients equal the five-pass step; tests/test_trainer.py checks it.
+
+The trainer knows nothing of tickets: an optional `mask` (conv weight name -> bool tensor) is enforced by
+zeroing masked gradients before each step and masked weights after it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llt.data.augment import Normalizer, crop_flip
+from llt.errors import LLTError
+from llt.evaluation import predict
+from llt.losses import balanced_coefficients, balanced_sizes, distillation
+from llt.teaching import TeachingSet
+
+
+class NonFiniteLoss(LLTError):
+    """The loss became NaN or infinite; names the task and epoch."""
+
+
+@dataclass
+class TaskData:
+    """Everything one task's training reads, resident on the training device."""
+
+    images: torch.Tensor            # (N, 3, H, W) uint8: every training image of the dataset
+    labels: torch.Tensor            # (N,) int64 remapped labels
+    new_idx: torch.Tensor           # the current task's training indices
+    memory_idx: torch.Tensor        # exemplar indices of the old classes (empty on task 1)
+    val_idx: torch.Tensor           # validation indices of every seen class (model selection)
+    teaching: TeachingSet | None = None  # frozen unlabeled images + teacher logits (tasks >= 2)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    temperature: float = 2.0
+
+
+@dataclass
+class TaskResult:
+    best_state: dict                # state_dict at the epoch with the best validation accuracy
+    best_epoch: int                 # 1-based
+    best_val: float                 # percent
+    last_state: dict
+    history: list = field(default_factory=list)  # per epoch: loss, val, lr, seconds
+
+
+class Cycler:
+    """Endless shuffled batches over an index set, restarted (and reshuffled) when it runs out.
+
+    Like a shuffled DataLoader with drop_last=False that is re-created on exhaustion: the last batch of
+    each pass may be short.
+    """
+
+    def __init__(self, indices: torch.Tensor, batch: int, generator: torch.Generator):
+        self.indices, self.batch, self.generator = indices, batch, generator
+        self.order, self.pos = indices[:0], 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos >= self.order.numel():
+            perm = torch.randperm(self.indices.numel(), generator=self.generator, device=self.generator.device)
+            self.order, self.pos = self.indices[perm.to(self.indices.device)], 0
+        out = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return out
+
+
+def clone_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, normalizer: Normalizer, autocast_dtype: torch.dtype | None = None,
+                 mask: dict | None = None, eval_batch_size: int = 1024):
+        self.model, self.norm, self.gen = model, normalizer, None
+        self.autocast_dtype, self.mask, self.eval_batch_size = autocast_dtype, mask, eval_batch_size
+        self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------------------------------- losses
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+    def first_task_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """CE of both branches on one batch; one backbone pass standing for the original's two."""
+        with self._autocast():
+            f = self.model.features(x, segments=((x.shape[0], 2),))
+            return (F.cross_entropy(self.model.head_logits(f, 1, "main").float(), y)
+                    + F.cross_entropy(self.model.head_logits(f, 1, "aux").float(), y))
+
+    def distill_loss(self, k: int, x: torch.Tensor, sizes: tuple[int, int, int, int], y_rand: torch.Tensor,
+                     y_new: torch.Tensor, y_old: torch.Tensor, t_main: torch.Tensor | None, t_aux: torch.Tensor | None,
+                     coefs: tuple[float, float], temperature: float) -> torch.Tensor:
+        """The five-term loss of task k+1 (k old tasks) on a concatenated batch [rand, new, old, unlabeled]."""
+        segments = tuple((n, 2 if i == 3 else 1) for i, n in enumerate(sizes) if n > 0)
+        m = self.model
+        with self._autocast():
+            f = m.features(x, segments=segments)
+            f_r, f_n, f_o, f_u = f.split(sizes)
+            loss_rand = F.cross_entropy(m.head_logits(f_r, k + 1, "aux").float(), y_rand)
+            loss_bal = coefs[0] * F.cross_entropy(m.head_logits(f_n, k + 1, "main").float(), y_new)
+            if sizes[2]:
+                loss_bal = loss_bal + coefs[1] * F.cross_entropy(m.head_logits(f_o, k + 1, "main").float(), y_old)
+            loss = loss_rand + 0.5 * loss_bal
+            if sizes[3]:
+                loss = loss + distillation(m.head_logits(f_u, k, "aux"), t_aux, temperature) \
+                    + 0.5 * distillation(m.head_logits(f_u, k, "main"), t_main, temperature)
+        return loss
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _apply_mask_to_grads(self) -> None:
+        if self.mask:
+            params = dict(self.model.named_parameters())
+            for name, keep in self.mask.items():
+                if params[name].grad is not None:
+                    params[name].grad.mul_(keep)
+
+    def _apply_mask_to_weights(self) -> None:
+        if self.mask:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, keep in self.mask.items():
+                    params[name].mul_(keep)
+
+    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._apply_mask_to_grads()
+        opt.step()
+        self._apply_mask_to_weights()
+
+    def _epoch_first(self, opt, data: TaskData, s: Schedule) -> tuple[torch.Tensor, int]:
+        total, steps = torch.zeros((), device=self.device), 0
+        perm = torch.randperm(data.new_idx.numel(), generator=self.gen, device=self.gen.device).to(self.device)
+        for i in range(0, perm.numel(), s.batch_size):
+            idx = data.new_idx[perm[i:i + s.batch_size]]
+            x = self.norm(crop_flip(data.images[idx], self.gen))
+            loss = self.first_task_loss(x, data.labels[idx])
+            self._step(opt, loss)
+            total += loss.detach()
+            steps += 1
+        return total, steps
+
+    def _epoch_distill(self, k: int, opt, data: TaskData, s: Schedule, cyclers: dict) -> tuple[torch.Tensor, int]:
+        b = s.batch_size // 4
+        coefs = balanced_coefficients(b, k)
+        union = torch.cat([data.new_idx, data.memory_idx])
+        perm = torch.randperm(union.numel(), generator=self.gen, device=self.gen.device).to(self.device)
+        teach = data.teaching
+        total, steps = torch.zeros((), device=self.device), 0
+        for i in range(0, perm.numel(), b):
+            r_idx = union[perm[i:i + b]]
+            n_idx = cyclers["new"].next()
+            o_idx = cyclers["old"].next() if "old" in cyclers else n_idx[:0]
+            parts = [crop_flip(data.images[r_idx], self.gen), crop_flip(data.images[n_idx], self.gen),
+                     crop_flip(data.images[o_idx], self.gen)]
+            t_main = t_aux = None
+            if teach is not None:
+                u_idx = cyclers["unl"].next()
+                parts.append(teach.images[u_idx])          # frozen augmentation: used as stored
+                t_main, t_aux = teach.logits_main[u_idx], teach.logits_aux[u_idx]
+            sizes = tuple(p.shape[0] for p in parts) + (0,) * (4 - len(parts))
+            x = self.norm(torch.cat(parts))
+            loss = self.distill_loss(k, x, sizes, data.labels[r_idx], data.labels[n_idx], data.labels[o_idx],
+                                     t_main, t_aux, coefs, s.temperature)
+            self._step(opt, loss)
+            total += loss.detach()
+            steps += 1
+        return total, steps
+
+    def validate(self, data: TaskData, num_heads: int) -> float:
+        if data.val_idx.numel() == 0:
+            return 0.0
+        preds = predict(self.model, data.images[data.val_idx], num_heads, self.norm, self.eval_batch_size,
+                        autocast_dtype=self.autocast_dtype)
+        return 100.0 * float((preds == data.labels[data.val_idx].cpu()).float().mean())
+
+    # ------------------------------------------------------------------------------------------- fit
+    def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator,
+                 on_epoch: Callable[[int, dict], None] | None = None) -> TaskResult:
+        """Train task k (0-based) for s.epochs; keep the state with the best validation accuracy.
+
+        `generator` drives every random choice (batch order, augmentation); giving each task its own
+        seeded generator makes a run resumed at a task boundary identical to an uninterrupted one.
+        Raises NonFiniteLoss (naming task and epoch) as soon as an epoch's loss is NaN or infinite.
+        """
+        self.gen = generator
+        model = self.model
+        model.train()
+        self._apply_mask_to_weights()
+        opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(s.milestones), gamma=s.gamma)
+        cyclers = {}
+        if k > 0:
+            n_new, n_old = balanced_sizes(s.batch_size // 4, k)
+            cyclers["new"] = Cycler(data.new_idx, n_new, self.gen)
+            if data.memory_idx.numel() and n_old:
+                cyclers["old"] = Cycler(data.memory_idx, n_old, self.gen)
+            if data.teaching is not None and data.teaching.images.shape[0]:
+                cyclers["unl"] = Cycler(torch.arange(data.teaching.images.shape[0], device=self.device),
+                                        s.batch_size // 4, self.gen)
+            else:
+                data = TaskData(data.images, data.labels, data.new_idx, data.memory_idx, data.val_idx, None)
+        best_val, best_epoch, best_state, history = -1.0, 0, None, []
+        for epoch in range(1, s.epochs + 1):
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            if k == 0:
+                total, steps = self._epoch_first(opt, data, s)
+            else:
+                total, steps = self._epoch_distill(k, opt, data, s, cyclers)
+            sched.step()
+            loss = float(total) / max(steps, 1)      # one host sync per epoch
+            if not torch.isfinite(torch.tensor(loss)):
+                raise NonFiniteLoss(f"the loss became {loss} in task {k + 1}, epoch {epoch}; stopping "
+                                    f"(the checkpoints of finished tasks are kept)")
+            val = self.validate(data, k + 1)
+            if val > best_val:
+                best_val, best_epoch, best_state = val, epoch, clone_state(model)
+            stats = {"epoch": epoch, "loss": loss, "val": val, "lr": lr, "seconds": time.perf_counter() - t0,
+                     "best_val": best_val, "best_epoch": best_epoch}
+            history.append(stats)
+            if on_epoch:
+                on_epoch(epoch, stats)
+        return TaskResult(best_state=best_state, best_epoch=best_epoch, best_val=best_val,
+                          last_state=clone_state(model), history=history)
