@@ -92,4 +92,6 @@ def test_run_name_hashes_the_full_config_including_defaults():
     a = RunConfig()
     b = dataclasses.replace(a, train=dataclasses.replace(a.train, momentum=0.8))
     assert config_hash(a) != config_hash(b)
+    moved = dataclasses.replace(a, run=dataclasses.replace(a.run, out_dir="elsewhere"))
+    assert config_hash(moved) == config_hash(a)          # the output folder is not part of a run's identity
     assert run_name(a, "paper-cifar10-bu").startswith("paper-cifar10-bu-bu-cifar10-s0-")

@@ -1,7 +1,8 @@
 """Run directories: naming, atomic writes, manifest, JSON-lines records, stage markers, checkpoints, summary.
 
-A run directory is `OUT_DIR/<slug>-<hash>`, the hash taken over the *full* resolved config (so changing a
-default can never silently reuse a stale run). It holds:
+A run directory is `OUT_DIR/<slug>-<hash>`, the hash taken over the full resolved config except the
+output folder itself (so changing any value, a default included, can never silently reuse a stale run,
+while a run directory moved to another folder is still recognised). It holds:
 
     manifest.json     config, versions, device, seeds, dataset and pool provenance, the stream
     config.yaml       the resolved config (re-loadable with --preset)
@@ -40,8 +41,11 @@ SUMMARY_KEYS = ("method", "dataset", "num_tasks", "seed", "accuracy_matrix", "sa
 
 
 def config_hash(cfg: RunConfig) -> str:
-    blob = json.dumps(to_tree(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:10]
+    """Hash of every config value except run.out_dir (the folder that holds the run, not part of what it
+    computes): a run directory moved or copied to another output folder keeps its identity."""
+    tree = to_tree(cfg)
+    tree["run"] = {k: v for k, v in tree["run"].items() if k != "out_dir"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run_name(cfg: RunConfig, preset: str | None = None) -> str:
