@@ -163,10 +163,10 @@ def test_mask_keeps_pruned_weights_at_zero():
 
 
 def test_non_finite_loss_names_task_and_epoch(monkeypatch):
-    model = make(0)
-    trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
     real = Trainer.first_task_loss
     monkeypatch.setattr(Trainer, "first_task_loss", lambda self, x, y: real(self, x, y) * float("nan"))
+    model = make(0)
+    trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
     with pytest.raises(NonFiniteLoss, match="the loss became nan in task 1, epoch 1"):
         trainer.fit_task(0, tiny_task_data(0), Schedule(epochs=2, lr=0.1, batch_size=8), make_generator(0, "cpu"))
 

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
     p.add_argument("--fields", action="store_true", help="list every field with its type, default and help text")
+    p.add_argument("--markdown", action="store_true", help="with --fields: the tables of docs/configuration.md")
     p.add_argument("--list", action="store_true", help="list the available presets")
 
     p = sub.add_parser("data", help="dataset utilities")
@@ -74,7 +75,9 @@ def cmd_show_config(args) -> int:
         print("\n".join(available_presets()))
         return 0
     if args.fields:
-        print(describe_fields())
+        from llt.config import fields_markdown
+
+        print(fields_markdown() if args.markdown else describe_fields(), end="\n" if not args.markdown else "")
         return 0
     print(dump_yaml(load_config(args.preset, _overrides(args))), end="")
     return 0

@@ -87,7 +87,7 @@ class TrainSection:
     milestones: tuple[int, ...] = _f((60, 80), "epochs at which the learning rate is multiplied by gamma")
     gamma: float = _f(0.1, "learning-rate decay factor at each milestone")
     precision: str = _f("auto", "auto: bf16 autocast on CUDA, float32 on CPU", ("auto", "bf16", "fp32"))
-    compile: bool = _f(True, "torch.compile the training step on CUDA")
+    compile: bool = _f(True, "torch.compile forward, loss and backward on CUDA (ignored on CPU, where compiling costs more than it saves)")
 
 
 @dataclass(frozen=True)
@@ -304,6 +304,21 @@ def to_tree(cfg: RunConfig) -> dict:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_tree(cfg), sort_keys=False, default_flow_style=False)
+
+
+def fields_markdown() -> str:
+    """The field tables of docs/configuration.md (generated from the dataclasses; a test keeps them equal)."""
+    lines = []
+    for s in SECTIONS:
+        cls = type(getattr(RunConfig(), s))
+        hints = typing.get_type_hints(cls)
+        lines += [f"### `{s}`", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            ch = f.metadata.get("choices")
+            meaning = f.metadata["help"] + (f" (one of: {', '.join(ch)})" if ch else "")
+            lines.append(f"| `{s}.{f.name}` | {_type_name(hints[f.name])} | `{f.default!r}` | {meaning.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def describe_fields() -> str:

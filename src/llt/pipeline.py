@@ -236,7 +236,8 @@ def run_dense(ctx: Context, quiet: bool = False) -> dict:
     cfg, rd, stream = ctx.cfg, ctx.rd, ctx.stream
     n = stream.num_tasks
     model = ctx.new_model()
-    trainer = Trainer(model, ctx.normalizer, ctx.autocast_dtype, eval_batch_size=cfg.train.eval_batch_size)
+    trainer = Trainer(model, ctx.normalizer, ctx.autocast_dtype, eval_batch_size=cfg.train.eval_batch_size,
+                      compile=cfg.train.compile and ctx.device.type == "cuda")
     progress = Progress(n * cfg.train.epochs, quiet)
     R, remaining, herded = [], [], {}
     for t in range(n):

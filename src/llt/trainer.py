@@ -97,10 +97,14 @@ def clone_state(model: torch.nn.Module) -> dict:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, normalizer: Normalizer, autocast_dtype: torch.dtype | None = None,
-                 mask: dict | None = None, eval_batch_size: int = 1024):
+                 mask: dict | None = None, eval_batch_size: int = 1024, compile: bool = False):
         self.model, self.norm, self.gen = model, normalizer, None
         self.autocast_dtype, self.mask, self.eval_batch_size = autocast_dtype, mask, eval_batch_size
         self.device = next(model.parameters()).device
+        # Forward + loss (and, through AOTAutograd, the backward) compiled; the optimizer step stays eager.
+        # Compiled and eager agree to float rounding, BatchNorm running statistics included.
+        self._first_loss = torch.compile(self.first_task_loss) if compile else self.first_task_loss
+        self._distill_loss = torch.compile(self.distill_loss) if compile else self.distill_loss
 
     # ------------------------------------------------------------------------------------------- losses
     def _autocast(self):
@@ -160,7 +164,7 @@ class Trainer:
         for i in range(0, perm.numel(), s.batch_size):
             idx = data.new_idx[perm[i:i + s.batch_size]]
             x = self.norm(crop_flip(data.images[idx], self.gen))
-            loss = self.first_task_loss(x, data.labels[idx])
+            loss = self._first_loss(x, data.labels[idx])
             self._step(opt, loss)
             total += loss.detach()
             steps += 1
@@ -186,7 +190,7 @@ class Trainer:
                 t_main, t_aux = teach.logits_main[u_idx], teach.logits_aux[u_idx]
             sizes = tuple(p.shape[0] for p in parts) + (0,) * (4 - len(parts))
             x = self.norm(torch.cat(parts))
-            loss = self.distill_loss(k, x, sizes, data.labels[r_idx], data.labels[n_idx], data.labels[o_idx],
+            loss = self._distill_loss(k, x, sizes, data.labels[r_idx], data.labels[n_idx], data.labels[o_idx],
                                      t_main, t_aux, coefs, s.temperature)
             self._step(opt, loss)
             total += loss.detach()
