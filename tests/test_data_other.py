@@ -154,7 +154,18 @@ def test_missing_pool_and_wrong_size_are_clear_errors(tmp_path):
     with pytest.raises(LLTError, match="tinyimagenet32-pool.npy nor .*tiny-imagenet-200 exists"):
         load_pool(DataSection(data_dir=str(tmp_path)), _tiny_dataset())
     np.save(tmp_path / "big.npy", np.zeros((3, 64, 64, 3), np.uint8))
-    with pytest.raises(LLTError, match="pool images are 64x64 but t images are 32x32"):
+    with pytest.raises(LLTError, match="pool images are 64x64 but t images are 32x32.*data.pool_resize=true"):
         load_pool(DataSection(data_dir=str(tmp_path), pool="big.npy"), _tiny_dataset())
+    resized, info = load_pool(DataSection(data_dir=str(tmp_path), pool="big.npy", pool_resize=True), _tiny_dataset())
+    assert resized.shape == (3, 3, 32, 32) and info["resized_from"] == [64, 64]
     with pytest.raises(LLTError, match="ships no unlabeled images"):
         load_pool(DataSection(data_dir=str(tmp_path), pool="builtin"), _tiny_dataset())
+
+
+def test_resize_is_an_area_mean_when_shrinking():
+    from llt.data.sources import resize_images
+
+    x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).expand(2, 3, 4, 4).contiguous()
+    y = resize_images(x, (2, 2))
+    # 2x2 block means are 2.5, 4.5, 10.5, 12.5; torch.round takes halves to the even neighbour
+    assert y[0, 0].tolist() == [[2, 4], [10, 12]] and y.dtype == torch.uint8

@@ -67,6 +67,8 @@ class DataSection:
                    "DATA_DIR/tiny-imagenet-200), 'builtin' (label-free images shipped with the dataset), 'none', or a "
                    "path to a .npy/.npz image array (relative paths are inside data_dir)")
     pool_size: int = _f(0, "use only the first N pool images (0: all)")
+    pool_resize: bool = _f(False, "resize pool images to the dataset's image size (area filter when shrinking, "
+                           "bilinear when enlarging) instead of refusing a pool of another size")
 
 
 @dataclass(frozen=True)

@@ -63,10 +63,28 @@ def load_pool(d: DataSection, dataset: ImageDataset) -> tuple[torch.Tensor | Non
         if not path.is_file():
             raise LLTError(f"data.pool: the pool file {path} does not exist")
         images, source = torch.from_numpy(np.array(load_image_array(path)[0])), str(path)
-    if tuple(images.shape[2:]) != tuple(dataset.image_shape[1:]):
-        raise LLTError(f"data.pool: pool images are {images.shape[2]}x{images.shape[3]} but {dataset.name} images are "
-                       f"{dataset.image_shape[1]}x{dataset.image_shape[2]}; resize the pool to match")
     if d.pool_size:
         images = images[: d.pool_size]
-    return images, {"pool": name, "source": source, "num_images": int(images.shape[0]),
-                    "content_sha256": sha256_bytes(images)}
+    info = {"pool": name, "source": source, "num_images": int(images.shape[0])}
+    target = tuple(dataset.image_shape[1:])
+    if tuple(images.shape[2:]) != target:
+        if not d.pool_resize:
+            raise LLTError(f"data.pool: pool images are {images.shape[2]}x{images.shape[3]} but {dataset.name} images are "
+                           f"{target[0]}x{target[1]}; use a pool of that size, or resize it with --set data.pool_resize=true")
+        info["resized_from"] = list(images.shape[2:])
+        images = resize_images(images, target)
+    info["content_sha256"] = sha256_bytes(images)
+    return images, info
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, *size): area filter when shrinking, bilinear when enlarging."""
+    import torch.nn.functional as F
+
+    mode = "area" if size[0] <= images.shape[2] else "bilinear"
+    out = []
+    for i in range(0, images.shape[0], chunk):
+        x = F.interpolate(images[i:i + chunk].float(), size=size, mode=mode,
+                          **({"align_corners": False} if mode == "bilinear" else {}))
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
