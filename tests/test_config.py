@@ -54,12 +54,21 @@ def test_overrides_are_typed():
     ("prune.rate=1.5", r"prune.rate: must be in \(0, 1\)"),
     ("prune.base_sparsity=120", "prune.base_sparsity: must be within 0-100"),
     ("prune.td_rounds=[1,-1,3,4,5]", "round counts must be non-negative"),
-    ("prune.td_densities=[0.8,0.9,0.5,0.4,0.3]", "densities must not increase"),
     ("train.epochs", "--set expects section.field=value"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(LLTError, match=message):
         load_config("demo", [override])
+
+
+def test_top_down_schedules_are_checked_up_front():
+    with pytest.raises(LLTError, match="densities must not increase"):
+        load_config("paper-cifar100-td", ["prune.td_densities=[0.8,0.9,0.5,0.4,0.3,0.2,0.2,0.1,0.1,0.05]"])
+    with pytest.raises(LLTError, match="give either td_rounds or td_densities, not both"):
+        load_config("paper-cifar100-td", ["prune.td_rounds=[1,1,1,1,1,1,1,1,1,1]"])
+    with pytest.raises(LLTError, match="prune.td_rounds has 4 entries but the stream has 5 tasks"):
+        load_config("paper-cifar10-td", ["prune.td_rounds=[1,1,3,4]"])
+    load_config("paper-cifar10-bu", ["prune.td_rounds=[1,1,3,4]"])   # not Top-Down: the schedule is unused
 
 
 def test_unknown_preset_suggests_a_close_name():

@@ -358,9 +358,13 @@ def validate(cfg: RunConfig) -> None:
     _need(d.dataset != "array" or bool(d.array_path), "data.array_path", "is required when data.dataset=array")
     n_cls = KNOWN_NUM_CLASSES.get(d.dataset)
     if n_cls is not None:
-        check_task_split(n_cls, d.classes_per_task, d.num_tasks)
+        n_tasks = check_task_split(n_cls, d.classes_per_task, d.num_tasks)
         if d.class_order is not None:
             check_class_order(d.class_order, n_cls)
+        sched = p.td_rounds if p.td_rounds is not None else p.td_densities
+        if cfg.run.method == "td" and sched is not None and len(sched) != n_tasks:
+            key = "prune.td_rounds" if p.td_rounds is not None else "prune.td_densities"
+            raise LLTError(f"{key} has {len(sched)} entries but the stream has {n_tasks} tasks (one entry per task)")
     _need(m.width >= 1, "model.width", "must be at least 1")
     _need(m.stem_stride in (0, 1, 2), "model.stem_stride", "must be 0 (auto), 1 or 2")
     _need(t.epochs >= 1, "train.epochs", "must be at least 1")

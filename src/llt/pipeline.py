@@ -13,25 +13,21 @@ carried on across separate invocations. Top-Down and Bottom-Up will drive the sa
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
 from llt.config import RunConfig, from_tree
-from llt.data.augment import Normalizer, make_generator
-from llt.data.dataset import ImageDataset
+from llt.data.augment import Normalizer
 from llt.data.sources import load_dataset, load_pool
-from llt.data.stream import Stream, build_stream, derive_seed, herding_exemplars
+from llt.data.stream import build_stream, derive_seed
+from llt.engine import Context, Engine, history_record, load_model_state
 from llt.errors import LLTError
 from llt.evaluation import evaluate_seen_tasks
-from llt.models import build_model, remaining_weights
+from llt.models import remaining_weights
 from llt.runs import RunDir, build_summary, ensure_writable, load_checkpoint, run_name, save_checkpoint
-from llt.teaching import TeachingSet, build_teaching_set, extract_features
-from llt.trainer import Schedule, TaskData, Trainer
 
-AVAILABLE_METHODS = ("stream", "cil")
+AVAILABLE_METHODS = ("stream", "cil", "td")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,52 +65,10 @@ def format_matrix(R: list[list[float]], sa: list[float], forgetting: list, remai
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ context
-
-@dataclass
-class Context:
-    """What every stage of a run reads: config, data on the device, the stream, the pool."""
-
-    cfg: RunConfig
-    rd: RunDir
-    ds: ImageDataset
-    stream: Stream
-    pool: torch.Tensor | None
-    device: torch.device
-    normalizer: Normalizer
-    autocast_dtype: torch.dtype | None
-    train_images: torch.Tensor   # uint8, on the device
-    train_labels: torch.Tensor   # remapped, on the device
-    test_images: torch.Tensor    # uint8, on the device
-
-    def new_model(self):
-        c = self.cfg
-        model = build_model(self.stream.num_tasks, self.stream.classes_per_task, c.model.width, c.model.stem_stride,
-                            self.ds.image_shape[1], seed=derive_seed(c.run.seed, "init")).to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        return model
-
-
 def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Load a state_dict, refusing (with a clear message) one whose names or shapes do not fit the model."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise LLTError(f"{source}: the checkpoint does not fit the model built from the config "
-                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise LLTError(f"{source}: {k} has shape {tuple(state[k].shape)} in the checkpoint, the model built from "
-                           f"the config expects {tuple(v.shape)} (was the run made with another config?)")
-    model.load_state_dict(state)
 
 
 def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_pool: bool = True) -> Context:
@@ -150,150 +104,61 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
 
 # ------------------------------------------------------------------------------------------ dense CIL
 
-class Progress:
-    """Progress of a run: a bar per task on a terminal (loss, validation accuracy, time left for the whole
-    run); elsewhere (logs, remote machines) one line every `every` epochs; nothing with quiet."""
-
-    def __init__(self, total_epochs: int, quiet: bool = False, every: int = 10):
-        self.total, self.done, self.seconds, self.quiet, self.every = total_epochs, 0, 0.0, quiet, every
-        self.bar, self.desc, self.tty = None, "", sys.stderr.isatty()
-
-    def start(self, desc: str, epochs: int):
-        self.desc, self.epochs = desc, epochs
-        if self.quiet or not self.tty:
-            return
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=epochs, desc=desc, unit="ep", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, epoch: int, stats: dict):
-        self.done += 1
-        self.seconds += stats["seconds"]
-        left = time.strftime("%H:%M:%S", time.gmtime(self.seconds / self.done * (self.total - self.done)))
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{stats['val']:.1f}", run_left=left, refresh=False)
-            self.bar.update(1)
-        elif not self.quiet and (epoch % self.every == 0 or epoch == self.epochs):
-            print(f"  {self.desc} epoch {epoch}/{self.epochs}: loss {stats['loss']:.4f} val {stats['val']:.2f} "
-                  f"lr {stats['lr']:.2g} | {stats['seconds']:.2f} s/epoch | run left {left}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def finish(ctx: Context, R: list, remaining: list, **extra) -> dict:
+    """Write summary.json and print the accuracy matrix with SA, forgetting and remaining weights."""
+    cfg, rd = ctx.cfg, ctx.rd
+    summary = build_summary(cfg.run.method, ctx.ds.name, cfg.run.seed, R, remaining,
+                            dataset_status=ctx.ds.provenance.get("status"), **extra)
+    rd.write_json("summary.json", summary)
+    print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
+    print(f"final SA {summary['final_sa']:.2f} | forgetting {summary['final_forgetting'] or 0:.2f} | "
+          f"remaining weights {summary['remaining_weights'][-1]:.2f} % | summary: {rd.file('summary.json')}")
+    return summary
 
 
-def _schedule(cfg: RunConfig) -> Schedule:
-    t = cfg.train
-    return Schedule(epochs=t.epochs, lr=t.lr, milestones=t.milestones, gamma=t.gamma, momentum=t.momentum,
-                    weight_decay=t.weight_decay, batch_size=t.batch_size, temperature=cfg.teaching.temperature)
-
-
-def _memory(ctx: Context, t: int, herded: dict) -> torch.Tensor:
-    """Exemplar indices for learning task t (0-based): every class of tasks 0..t-1."""
-    if ctx.stream.exemplar_selection == "herding":
-        parts = [herded[lab] for task in ctx.stream.tasks[:t] for lab in task.labels if lab in herded]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-    return ctx.stream.memory(t)
-
-
-def _herd(ctx: Context, model, t: int) -> dict:
-    """Herding exemplars of task t's classes from the trained model's features."""
-    out = {}
-    task = ctx.stream.tasks[t]
-    for lab in task.labels:
-        idx = task.train_idx[ctx.stream.train_labels[task.train_idx] == lab]
-        feats = extract_features(model, ctx.train_images[idx.to(ctx.device)], ctx.normalizer,
-                                 ctx.cfg.train.eval_batch_size, ctx.autocast_dtype).cpu()
-        out[lab] = idx[herding_exemplars(feats, ctx.stream.exemplars_per_class)]
-    return out
-
-
-def teaching_stage(ctx: Context, teacher, t: int, herded: dict) -> TeachingSet:
-    """Stage teach{t}: the teaching set produced by the teacher after task t (1-based), computed once."""
-    rd, stage = ctx.rd, f"teach{t}"
-    path = rd.file(f"teaching/task{t}.pt")
-    if rd.stage_done(stage):
-        state, _ = load_checkpoint(path)
-        return TeachingSet.from_state(state)
-    t0 = time.perf_counter()
-    memory = _memory(ctx, t, herded)
-    gen = make_generator(derive_seed(ctx.cfg.run.seed, f"teaching/{t}"), ctx.device)
-    ts = build_teaching_set(teacher, ctx.pool, ctx.train_images[memory.to(ctx.device)], t, ctx.cfg.teaching.neighbours,
-                            ctx.normalizer, gen, ctx.cfg.train.eval_batch_size, ctx.autocast_dtype)
-    seconds = time.perf_counter() - t0
-    save_checkpoint(path, ts.state_dict(), {"task": t, "num_exemplars": int(memory.numel()),
-                                            "num_selected": int(ts.pool_idx.numel())})
-    rd.record("teaching", task=t, num_exemplars=int(memory.numel()), num_selected=int(ts.pool_idx.numel()),
-              pool_size=int(ctx.pool.shape[0]), seconds=round(seconds, 3))
-    rd.mark_done(stage, seconds=round(seconds, 3))
-    print(f"lottery teaching after task {t}: {ts.pool_idx.numel()} unlabeled images queried for "
-          f"{memory.numel()} exemplars in {seconds:.2f} s")
-    return ts
+def task_line(t: int, n: int, row: list[float], extra: str = "") -> str:
+    return (f"task {t + 1}/{n}: test accuracy per task " + " ".join(f"{v:.2f}" for v in row)
+            + f" | SA {sum(row) / len(row):.2f}" + (f" | {extra}" if extra else ""))
 
 
 def run_dense(ctx: Context, quiet: bool = False) -> dict:
+    """Dense class-incremental learning with lottery teaching: stage task{t} per task (teach{t} before it)."""
     cfg, rd, stream = ctx.cfg, ctx.rd, ctx.stream
     n = stream.num_tasks
-    model = ctx.new_model()
-    trainer = Trainer(model, ctx.normalizer, ctx.autocast_dtype, eval_batch_size=cfg.train.eval_batch_size,
-                      compile=cfg.train.compile and ctx.device.type == "cuda")
-    progress = Progress(n * cfg.train.epochs, quiet)
-    R, remaining, herded = [], [], {}
+    eng = Engine(ctx, n * cfg.train.epochs, quiet)
+    R, remaining = [], []
     for t in range(n):
         stage, ckpt = f"task{t + 1}", rd.file(f"checkpoints/task{t + 1}.pt")
         if rd.stage_done(stage):
             state, meta = load_checkpoint(ckpt)
-            load_model_state(model, state, str(ckpt))
-            herded.update({int(k): torch.tensor(v) for k, v in meta.get("herded", {}).items()})
+            eng.load(state, str(ckpt))
+            eng.restore_herded(meta)
             R.append(meta["row"])
             remaining.append(meta["remaining_weights"])
-            progress.done += cfg.train.epochs
+            eng.progress.skip(cfg.train.epochs)
             print(f"task {t + 1}: finished before (stage marker present), skipping")
             continue
-        teaching = None
-        if t > 0 and cfg.teaching.enabled:
-            teaching = teaching_stage(ctx, model, t, herded)
-            teaching = TeachingSet(*(x.to(ctx.device) for x in (teaching.images, teaching.logits_main,
-                                                                  teaching.logits_aux, teaching.pool_idx)))
-        task = stream.tasks[t]
-        data = TaskData(images=ctx.train_images, labels=ctx.train_labels, new_idx=task.train_idx.to(ctx.device),
-                        memory_idx=_memory(ctx, t, herded).to(ctx.device),
-                        val_idx=stream.val_seen(t).to(ctx.device), teaching=teaching)
+        teaching = eng.teaching(t)
         t0 = time.perf_counter()
-        progress.start(f"task {t + 1}/{n}", cfg.train.epochs)
-        try:
-            gen = make_generator(derive_seed(cfg.run.seed, f"augment/task{t + 1}"), ctx.device)
-            result = trainer.fit_task(t, data, _schedule(cfg), gen, on_epoch=progress.update)
-        finally:
-            progress.close()
+        result = eng.fit(t, eng.schedule(), f"augment/task{t + 1}", f"task {t + 1}/{n}", teaching=teaching)
         seconds = time.perf_counter() - t0
-        model.load_state_dict(result.best_state)
-        ev = evaluate_seen_tasks(model, ctx.test_images, stream, t, ctx.normalizer, cfg.train.eval_batch_size,
-                                 ctx.autocast_dtype)
+        eng.model.load_state_dict(result.best_state)
+        ev = eng.evaluate(t)
         if stream.exemplar_selection == "herding" and t < n - 1:
-            herded.update(_herd(ctx, model, t))
-        rw = remaining_weights(model)
+            eng.herd(t)
+        rw = remaining_weights(eng.model)
         meta = {"task": t + 1, "row": ev["row"], "per_class": ev["per_class"], "best_epoch": result.best_epoch,
                 "best_val": result.best_val, "remaining_weights": rw, "seconds": round(seconds, 3),
-                "herded": {str(k): v.tolist() for k, v in herded.items()}}
-        save_checkpoint(ckpt, {k: v.cpu() for k, v in model.state_dict().items()}, meta)
+                "herded": eng.herded_meta()}
+        save_checkpoint(ckpt, eng.state(), meta)
         rd.record("task", task=t + 1, row=ev["row"], sa=sum(ev["row"]) / len(ev["row"]), per_class=ev["per_class"],
                   best_epoch=result.best_epoch, best_val=result.best_val, seconds=round(seconds, 3),
-                  epochs=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in result.history])
+                  epochs=history_record(result))
         rd.mark_done(stage, seconds=round(seconds, 3))
         R.append(ev["row"])
         remaining.append(rw)
-        print(f"task {t + 1}/{n}: test accuracy per task " + " ".join(f"{v:.2f}" for v in ev["row"])
-              + f" | SA {sum(ev['row']) / len(ev['row']):.2f} | best epoch {result.best_epoch} "
-              f"(val {result.best_val:.2f}) | {seconds:.1f} s")
-    summary = build_summary(cfg.run.method, ctx.ds.name, cfg.run.seed, R, remaining,
-                            dataset_status=ctx.ds.provenance.get("status"))
-    rd.write_json("summary.json", summary)
-    print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
-    print(f"final SA {summary['final_sa']:.2f} | forgetting {summary['final_forgetting'] or 0:.2f} | "
-          f"summary: {rd.file('summary.json')}")
-    return summary
+        print(task_line(t, n, ev["row"], f"best epoch {result.best_epoch} (val {result.best_val:.2f}) | {seconds:.1f} s"))
+    return finish(ctx, R, remaining)
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -327,7 +192,12 @@ def run(cfg: RunConfig, preset: str | None = None, quiet: bool = False) -> int:
             print(f"exemplars: herding, {stream.exemplars_per_class} per class, selected from teacher features once each "
                   f"task is learned (the memory column counts only what is known before training)")
         return 0
-    run_dense(ctx, quiet)
+    if cfg.run.method == "td":
+        from llt.pruning.topdown import run_topdown
+
+        run_topdown(ctx, quiet)
+    else:
+        run_dense(ctx, quiet)
     return 0
 
 

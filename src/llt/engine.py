@@ -1,0 +1,218 @@
+"""The run-level building blocks every method drives: train a task, evaluate, lottery teaching.
+
+A method (dense CIL, Top-Down, Bottom-Up) is a stage machine over these; it decides which model, mask,
+schedule and teacher each training uses, and writes records and stage markers. The Engine holds the one
+model object of the run (states are loaded into it), the trainer, the progress display, and the run
+context (data on the device, stream, pool, run directory).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llt.config import RunConfig
+from llt.data.augment import Normalizer, make_generator
+from llt.data.dataset import ImageDataset
+from llt.data.stream import Stream, derive_seed, herding_exemplars
+from llt.errors import LLTError
+from llt.evaluation import evaluate_seen_tasks
+from llt.models import build_model
+from llt.runs import RunDir, load_checkpoint, save_checkpoint
+from llt.teaching import TeachingSet, build_teaching_set, extract_features
+from llt.trainer import Schedule, TaskData, TaskResult, Trainer
+
+
+@dataclass
+class Context:
+    """What every stage of a run reads: config, data on the device, the stream, the pool."""
+
+    cfg: RunConfig
+    rd: RunDir
+    ds: ImageDataset
+    stream: Stream
+    pool: torch.Tensor | None
+    device: torch.device
+    normalizer: Normalizer
+    autocast_dtype: torch.dtype | None
+    train_images: torch.Tensor   # uint8, on the device
+    train_labels: torch.Tensor   # remapped, on the device
+    test_images: torch.Tensor    # uint8, on the device
+
+    def new_model(self, seed_tag: str = "init"):
+        c = self.cfg
+        model = build_model(self.stream.num_tasks, self.stream.classes_per_task, c.model.width, c.model.stem_stride,
+                            self.ds.image_shape[1], seed=derive_seed(c.run.seed, seed_tag)).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load a state_dict, refusing (with a clear message) one whose names or shapes do not fit the model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise LLTError(f"{source}: the checkpoint does not fit the model built from the config "
+                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise LLTError(f"{source}: {k} has shape {tuple(state[k].shape)} in the checkpoint, the model built from "
+                           f"the config expects {tuple(v.shape)} (was the run made with another config?)")
+    model.load_state_dict(state)
+
+
+class Progress:
+    """Progress of a run: a bar per training on a terminal (loss, validation accuracy, time left for the
+    whole run); elsewhere (logs, remote machines) one line every `every` epochs; nothing with quiet."""
+
+    def __init__(self, total_epochs: int, quiet: bool = False, every: int = 10):
+        self.total, self.done, self.seconds, self.quiet, self.every = total_epochs, 0, 0.0, quiet, every
+        self.bar, self.desc, self.epochs, self.tty = None, "", 0, sys.stderr.isatty()
+
+    def skip(self, epochs: int) -> None:
+        """Epochs of a stage that finished earlier (they count as done for the estimate)."""
+        self.total -= epochs
+
+    def start(self, desc: str, epochs: int):
+        self.desc, self.epochs = desc, epochs
+        if self.quiet or not self.tty:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=epochs, desc=desc, unit="ep", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, epoch: int, stats: dict):
+        self.done += 1
+        self.seconds += stats["seconds"]
+        left = time.strftime("%H:%M:%S", time.gmtime(self.seconds / self.done * max(self.total - self.done, 0)))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{stats['val']:.1f}", run_left=left, refresh=False)
+            self.bar.update(1)
+        elif not self.quiet and (epoch % self.every == 0 or epoch == self.epochs):
+            print(f"  {self.desc} epoch {epoch}/{self.epochs}: loss {stats['loss']:.4f} val {stats['val']:.2f} "
+                  f"lr {stats['lr']:.2g} | {stats['seconds']:.2f} s/epoch | run left {left}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def history_record(result: TaskResult) -> list[dict]:
+    return [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in result.history]
+
+
+class Engine:
+    def __init__(self, ctx: Context, total_epochs: int, quiet: bool = False):
+        self.ctx, self.cfg, self.rd = ctx, ctx.cfg, ctx.rd
+        self.model = ctx.new_model()
+        self.trainer = Trainer(self.model, ctx.normalizer, ctx.autocast_dtype,
+                               eval_batch_size=ctx.cfg.train.eval_batch_size,
+                               compile=ctx.cfg.train.compile and ctx.device.type == "cuda")
+        self.progress = Progress(total_epochs, quiet)
+        self.herded: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------ model
+    def load(self, state: dict, source: str) -> None:
+        load_model_state(self.model, state, source)
+
+    def state(self) -> dict:
+        """A CPU copy of the model's state_dict."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def schedule(self, epochs: int | None = None, lr: float | None = None, milestones: tuple[int, ...] | None = None) -> Schedule:
+        t = self.cfg.train
+        return Schedule(epochs=t.epochs if epochs is None else epochs, lr=t.lr if lr is None else lr,
+                        milestones=t.milestones if milestones is None else milestones, gamma=t.gamma,
+                        momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size,
+                        temperature=self.cfg.teaching.temperature)
+
+    # ------------------------------------------------------------------------------------------ memory
+    def memory(self, t: int) -> torch.Tensor:
+        """Exemplar indices for learning task t (0-based): every class of tasks 0..t-1."""
+        stream = self.ctx.stream
+        if stream.exemplar_selection == "herding":
+            parts = [self.herded[lab] for task in stream.tasks[:t] for lab in task.labels if lab in self.herded]
+            return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        return stream.memory(t)
+
+    def herd(self, t: int) -> None:
+        """Herding exemplars of task t's classes (0-based) from the current model's features."""
+        ctx = self.ctx
+        task = ctx.stream.tasks[t]
+        for lab in task.labels:
+            idx = task.train_idx[ctx.stream.train_labels[task.train_idx] == lab]
+            feats = extract_features(self.model, ctx.train_images[idx.to(ctx.device)], ctx.normalizer,
+                                     self.cfg.train.eval_batch_size, ctx.autocast_dtype).cpu()
+            self.herded[lab] = idx[herding_exemplars(feats, ctx.stream.exemplars_per_class)]
+
+    def herded_meta(self) -> dict:
+        return {str(k): v.tolist() for k, v in self.herded.items()}
+
+    def restore_herded(self, meta: dict) -> None:
+        self.herded.update({int(k): torch.tensor(v) for k, v in meta.get("herded", {}).items()})
+
+    # ------------------------------------------------------------------------------------------ teaching
+    def teaching(self, t: int) -> TeachingSet | None:
+        """The teaching set for learning task t (0-based), produced by the current model as the teacher
+        after tasks 0..t-1 (stage teach{t}; computed once, then read back). None on task 0 or when off."""
+        if t == 0 or not self.cfg.teaching.enabled:
+            return None
+        ctx, rd, stage = self.ctx, self.rd, f"teach{t}"
+        path = rd.file(f"teaching/task{t}.pt")
+        if rd.stage_done(stage):
+            state, _ = load_checkpoint(path)
+            ts = TeachingSet.from_state(state)
+        else:
+            t0 = time.perf_counter()
+            memory = self.memory(t)
+            gen = make_generator(derive_seed(self.cfg.run.seed, f"teaching/{t}"), ctx.device)
+            ts = build_teaching_set(self.model, ctx.pool, ctx.train_images[memory.to(ctx.device)], t,
+                                    self.cfg.teaching.neighbours, ctx.normalizer, gen,
+                                    self.cfg.train.eval_batch_size, ctx.autocast_dtype)
+            seconds = time.perf_counter() - t0
+            save_checkpoint(path, ts.state_dict(), {"task": t, "num_exemplars": int(memory.numel()),
+                                                    "num_selected": int(ts.pool_idx.numel())})
+            rd.record("teaching", task=t, num_exemplars=int(memory.numel()), num_selected=int(ts.pool_idx.numel()),
+                      pool_size=int(ctx.pool.shape[0]), seconds=round(seconds, 3))
+            rd.mark_done(stage, seconds=round(seconds, 3))
+            print(f"lottery teaching after task {t}: {ts.pool_idx.numel()} unlabeled images queried for "
+                  f"{memory.numel()} exemplars in {seconds:.2f} s")
+        return TeachingSet(*(x.to(ctx.device) for x in (ts.images, ts.logits_main, ts.logits_aux, ts.pool_idx)))
+
+    # ------------------------------------------------------------------------------------------ training
+    def fit(self, t: int, schedule: Schedule, seed_tag: str, desc: str, mask: dict | None = None,
+            teaching: TeachingSet | None = None) -> TaskResult:
+        """Train the current model on task t (0-based); returns the result (best and last states)."""
+        ctx = self.ctx
+        task = ctx.stream.tasks[t]
+        data = TaskData(images=ctx.train_images, labels=ctx.train_labels, new_idx=task.train_idx.to(ctx.device),
+                        memory_idx=self.memory(t).to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
+                        teaching=teaching)
+        self.trainer.mask = None if mask is None else {n: m.to(ctx.device) for n, m in mask.items()}
+        gen = make_generator(derive_seed(self.cfg.run.seed, seed_tag), ctx.device)
+        self.progress.start(desc, schedule.epochs)
+        try:
+            return self.trainer.fit_task(t, data, schedule, gen, on_epoch=self.progress.update)
+        finally:
+            self.progress.close()
+            self.trainer.mask = None
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, t: int) -> dict:
+        """Test accuracy row after tasks 0..t (percent), overall and per class."""
+        ctx = self.ctx
+        return evaluate_seen_tasks(self.model, ctx.test_images, ctx.stream, t, ctx.normalizer,
+                                   self.cfg.train.eval_batch_size, ctx.autocast_dtype)
+
+    def validate(self, t: int) -> float:
+        """Validation accuracy over every class seen after task t (percent): what decisions use."""
+        ctx = self.ctx
+        data = TaskData(ctx.train_images, ctx.train_labels, ctx.train_labels[:0], ctx.train_labels[:0],
+                        ctx.stream.val_seen(t).to(ctx.device))
+        return self.trainer.validate(data, t + 1)
