@@ -34,7 +34,9 @@ def schedule_fractions(p: PruneSection, num_tasks: int) -> list[list[float]]:
     """Per task, the fraction of the remaining weights each pruning round removes.
 
     From td_rounds: that many rounds of `rate`. From td_densities: rounds of `rate` while they do not go
-    below the target, then one smaller round that lands on it (e.g. 13.42 % -> 9.66 % is one 28 % round).
+    below the target, then one smaller round that lands on it (CIFAR-100's last step, 13.42 % -> 9.66 %,
+    becomes a 20 % round and a 10 % round; METHOD section 8.1 leaves open whether the paper used that or
+    a single 28 % step).
     """
     if p.td_rounds is None and p.td_densities is None:
         raise LLTError("Top-Down needs a schedule: prune.td_rounds (rounds per task) or prune.td_densities "
