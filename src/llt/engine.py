@@ -19,7 +19,7 @@ from llt.data.augment import Normalizer, make_generator
 from llt.data.dataset import ImageDataset
 from llt.data.stream import Stream, derive_seed, herding_exemplars
 from llt.errors import LLTError
-from llt.evaluation import evaluate_seen_tasks
+from llt.evaluation import evaluate_seen_tasks, task_accuracies
 from llt.models import build_model
 from llt.runs import RunDir, load_checkpoint, save_checkpoint
 from llt.teaching import TeachingSet, build_teaching_set, extract_features
@@ -132,6 +132,18 @@ class Engine:
                         momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size,
                         temperature=self.cfg.teaching.temperature)
 
+    def initial_state(self) -> dict:
+        """theta_0, the run's initialisation (stage init: saved once, read back on reruns); loaded into the model."""
+        path = self.rd.file("checkpoints/init.pt")
+        if self.rd.stage_done("init"):
+            init, _ = load_checkpoint(path)
+            self.load(init, str(path))
+            return init
+        init = self.state()
+        save_checkpoint(path, init, {"kind": "initialisation"})
+        self.rd.mark_done("init")
+        return init
+
     # ------------------------------------------------------------------------------------------ memory
     def memory(self, t: int) -> torch.Tensor:
         """Exemplar indices for learning task t (0-based): every class of tasks 0..t-1."""
@@ -166,34 +178,40 @@ class Engine:
         ctx, rd, stage = self.ctx, self.rd, f"teach{t}"
         path = rd.file(f"teaching/task{t}.pt")
         if rd.stage_done(stage):
-            state, _ = load_checkpoint(path)
-            ts = TeachingSet.from_state(state)
-        else:
-            t0 = time.perf_counter()
-            memory = self.memory(t)
-            gen = make_generator(derive_seed(self.cfg.run.seed, f"teaching/{t}"), ctx.device)
-            ts = build_teaching_set(self.model, ctx.pool, ctx.train_images[memory.to(ctx.device)], t,
-                                    self.cfg.teaching.neighbours, ctx.normalizer, gen,
-                                    self.cfg.train.eval_batch_size, ctx.autocast_dtype)
-            seconds = time.perf_counter() - t0
-            save_checkpoint(path, ts.state_dict(), {"task": t, "num_exemplars": int(memory.numel()),
-                                                    "num_selected": int(ts.pool_idx.numel())})
-            rd.record("teaching", task=t, num_exemplars=int(memory.numel()), num_selected=int(ts.pool_idx.numel()),
-                      pool_size=int(ctx.pool.shape[0]), seconds=round(seconds, 3))
-            rd.mark_done(stage, seconds=round(seconds, 3))
-            print(f"lottery teaching after task {t}: {ts.pool_idx.numel()} unlabeled images queried for "
-                  f"{memory.numel()} exemplars in {seconds:.2f} s")
+            return load_teaching(path, ctx.device)
+        t0 = time.perf_counter()
+        memory = self.memory(t)
+        gen = make_generator(derive_seed(self.cfg.run.seed, f"teaching/{t}"), ctx.device)
+        ts = build_teaching_set(self.model, ctx.pool, ctx.train_images[memory.to(ctx.device)], t,
+                                self.cfg.teaching.neighbours, ctx.normalizer, gen,
+                                self.cfg.train.eval_batch_size, ctx.autocast_dtype)
+        seconds = time.perf_counter() - t0
+        save_checkpoint(path, ts.state_dict(), {"task": t, "num_exemplars": int(memory.numel()),
+                                                "num_selected": int(ts.pool_idx.numel())})
+        rd.record("teaching", task=t, num_exemplars=int(memory.numel()), num_selected=int(ts.pool_idx.numel()),
+                  pool_size=int(ctx.pool.shape[0]), seconds=round(seconds, 3))
+        rd.mark_done(stage, seconds=round(seconds, 3))
+        print(f"lottery teaching after task {t}: {ts.pool_idx.numel()} unlabeled images queried for "
+              f"{memory.numel()} exemplars in {seconds:.2f} s")
         return TeachingSet(*(x.to(ctx.device) for x in (ts.images, ts.logits_main, ts.logits_aux, ts.pool_idx)))
+
 
     # ------------------------------------------------------------------------------------------ training
     def fit(self, t: int, schedule: Schedule, seed_tag: str, desc: str, mask: dict | None = None,
-            teaching: TeachingSet | None = None) -> TaskResult:
-        """Train the current model on task t (0-based); returns the result (best and last states)."""
+            teaching: TeachingSet | None = None, select_on: str = "val") -> TaskResult:
+        """Train the current model on task t (0-based); returns the result (best and last states).
+
+        The best epoch is chosen on the validation images of every seen class, or, with select_on="test"
+        (only for prune.decision_split=test-compat), on their test images as the original did.
+        """
         ctx = self.ctx
         task = ctx.stream.tasks[t]
         data = TaskData(images=ctx.train_images, labels=ctx.train_labels, new_idx=task.train_idx.to(ctx.device),
                         memory_idx=self.memory(t).to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
                         teaching=teaching)
+        if select_on == "test":
+            data.val_images, data.val_labels = ctx.test_images, ctx.stream.test_labels.to(ctx.device)
+            data.val_idx = torch.cat([x.test_idx for x in ctx.stream.tasks[: t + 1]]).to(ctx.device)
         self.trainer.mask = None if mask is None else {n: m.to(ctx.device) for n, m in mask.items()}
         gen = make_generator(derive_seed(self.cfg.run.seed, seed_tag), ctx.device)
         self.progress.start(desc, schedule.epochs)
@@ -210,9 +228,25 @@ class Engine:
         return evaluate_seen_tasks(self.model, ctx.test_images, ctx.stream, t, ctx.normalizer,
                                    self.cfg.train.eval_batch_size, ctx.autocast_dtype)
 
+    def decision_row(self, t: int, split: str) -> list[float]:
+        """Accuracy per seen task after task t on the split decisions use: "val", or "test" (compat)."""
+        if split == "test":
+            return self.evaluate(t)["row"]
+        ctx = self.ctx
+        return task_accuracies(self.model, ctx.train_images, ctx.train_labels,
+                               [task.val_idx for task in ctx.stream.tasks[: t + 1]], ctx.normalizer,
+                               self.cfg.train.eval_batch_size, ctx.autocast_dtype)["row"]
+
     def validate(self, t: int) -> float:
         """Validation accuracy over every class seen after task t (percent): what decisions use."""
         ctx = self.ctx
         data = TaskData(ctx.train_images, ctx.train_labels, ctx.train_labels[:0], ctx.train_labels[:0],
                         ctx.stream.val_seen(t).to(ctx.device))
         return self.trainer.validate(data, t + 1)
+
+
+def load_teaching(path, device) -> TeachingSet:
+    """A stored teaching set, moved to the device."""
+    state, _ = load_checkpoint(path)
+    ts = TeachingSet.from_state(state)
+    return TeachingSet(*(x.to(device) for x in (ts.images, ts.logits_main, ts.logits_aux, ts.pool_idx)))

@@ -35,23 +35,32 @@ def predict(model, images: torch.Tensor, num_heads: int, normalizer: Normalizer,
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
 
 
+def task_accuracies(model, images: torch.Tensor, labels: torch.Tensor, index_sets: list[torch.Tensor],
+                    normalizer: Normalizer, batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Accuracy (percent) on each index set, predicting over the heads of len(index_sets) tasks.
+
+    Returns {"row": [acc per set], "overall": percent over the union, "per_class": percent per label}.
+    """
+    idx = torch.cat(index_sets)
+    preds = predict(model, images[idx.to(images.device)], len(index_sets), normalizer, batch_size,
+                    autocast_dtype=autocast_dtype)
+    y = labels[idx.to(labels.device)].cpu()
+    row, start = [], 0
+    for s in index_sets:
+        n = s.numel()
+        row.append(100.0 * float((preds[start:start + n] == y[start:start + n]).float().mean()) if n else 0.0)
+        start += n
+    num_classes = len(index_sets) * model.classes_per_task
+    return {"row": row, "overall": 100.0 * float((preds == y).float().mean()) if y.numel() else 0.0,
+            "per_class": per_class_accuracy(preds.tolist(), y.tolist(), num_classes)}
+
+
 def evaluate_seen_tasks(model, test_images: torch.Tensor, stream: Stream, t: int, normalizer: Normalizer,
                         batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Accuracy-matrix row t (percent per seen task), overall accuracy and per-class accuracy.
+    """Accuracy-matrix row t (percent per seen task), overall accuracy and per-class accuracy on the test set.
 
     Returns {"row": [R[t][0], ..., R[t][t]], "overall": percent over all seen test images,
     "per_class": percent per remapped label 0..seen-1}.
     """
-    idx = torch.cat([task.test_idx for task in stream.tasks[: t + 1]])
-    preds = predict(model, test_images[idx], t + 1, normalizer, batch_size, autocast_dtype=autocast_dtype)
-    labels = stream.test_labels[idx]
-    row, start = [], 0
-    for task in stream.tasks[: t + 1]:
-        n = task.test_idx.numel()
-        row.append(100.0 * float((preds[start:start + n] == labels[start:start + n]).float().mean()))
-        start += n
-    return {
-        "row": row,
-        "overall": 100.0 * float((preds == labels).float().mean()),
-        "per_class": per_class_accuracy(preds.tolist(), labels.tolist(), stream.seen_labels(t)),
-    }
+    return task_accuracies(model, test_images, stream.test_labels, [task.test_idx for task in stream.tasks[: t + 1]],
+                           normalizer, batch_size, autocast_dtype)

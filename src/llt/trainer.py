@@ -19,6 +19,7 @@ zeroing masked gradients before each step and masked weights after it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class TaskData:
     memory_idx: torch.Tensor        # exemplar indices of the old classes (empty on task 1)
     val_idx: torch.Tensor           # validation indices of every seen class (model selection)
     teaching: TeachingSet | None = None  # frozen unlabeled images + teacher logits (tasks >= 2)
+    val_images: torch.Tensor | None = None  # images/labels val_idx refers to, when not the training images
+    val_labels: torch.Tensor | None = None  # (the original's test-set decisions: prune.decision_split=test-compat)
 
 
 @dataclass(frozen=True)
@@ -198,11 +201,14 @@ class Trainer:
         return total, steps
 
     def validate(self, data: TaskData, num_heads: int) -> float:
+        """Accuracy (percent) on data.val_idx over heads 1..num_heads: what selects the best epoch."""
         if data.val_idx.numel() == 0:
             return 0.0
-        preds = predict(self.model, data.images[data.val_idx], num_heads, self.norm, self.eval_batch_size,
+        images = data.images if data.val_images is None else data.val_images
+        labels = data.labels if data.val_labels is None else data.val_labels
+        preds = predict(self.model, images[data.val_idx], num_heads, self.norm, self.eval_batch_size,
                         autocast_dtype=self.autocast_dtype)
-        return 100.0 * float((preds == data.labels[data.val_idx].cpu()).float().mean())
+        return 100.0 * float((preds == labels[data.val_idx].cpu()).float().mean())
 
     # ------------------------------------------------------------------------------------------- fit
     def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator,
@@ -229,7 +235,7 @@ class Trainer:
                 cyclers["unl"] = Cycler(torch.arange(data.teaching.images.shape[0], device=self.device),
                                         s.batch_size // 4, self.gen)
             else:
-                data = TaskData(data.images, data.labels, data.new_idx, data.memory_idx, data.val_idx, None)
+                data = dataclasses.replace(data, teaching=None)
         best_val, best_epoch, best_state, history = -1.0, 0, None, []
         for epoch in range(1, s.epochs + 1):
             t0 = time.perf_counter()

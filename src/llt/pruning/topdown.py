@@ -103,15 +103,7 @@ def run_topdown(ctx: Context, quiet: bool = False) -> dict:
     eng = Engine(ctx, sum(per_task_epochs), quiet)
     full, finetune = eng.schedule(), eng.schedule(p.finetune_epochs, p.finetune_lr, ())
 
-    init_path = rd.file("checkpoints/init.pt")
-    if rd.stage_done("init"):
-        init, _ = load_checkpoint(init_path)
-        eng.load(init, str(init_path))
-    else:
-        init = eng.state()
-        save_checkpoint(init_path, init, {"kind": "initialisation"})
-        rd.mark_done("init")
-
+    init = eng.initial_state()
     mask = Mask.ones(eng.model)
     start = init                       # where the training of the next task starts
     R, remaining = [], []
