@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `llt run`")
     p.add_argument("--task", type=int, required=True, help="task k (1-based)")
     p.add_argument("--data-dir", help="the data folder, if it moved since the run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ticket", dest="which", action="store_const", const="ticket", default="ticket",
+                   help="the model reported after task k: the ticket of a Top-Down/Bottom-Up run (default)")
+    g.add_argument("--dense", dest="which", action="store_const", const="dense",
+                   help="the dense reference of a Bottom-Up run")
+
+    p = sub.add_parser("retrain", help="re-train the tickets of a finished Bottom-Up run in isolation (TR-BU)")
+    p.add_argument("run_dir", help="a finished Bottom-Up run directory")
+    p.add_argument("--init", default="original", choices=("original", "reference", "random"),
+                   help="initialisation: the run's theta_0 (default), the previous task's dense reference, or random")
+    p.add_argument("--out", help="folder for the new run directory (default: beside the Bottom-Up run)")
+    p.add_argument("--data-dir", help="the data folder, if it moved since the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
@@ -112,7 +125,14 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from llt.pipeline import evaluate_run
 
-    evaluate_run(args.run_dir, args.task, args.data_dir)
+    evaluate_run(args.run_dir, args.task, args.data_dir, args.which)
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from llt.pruning.retrain import run_retrain
+
+    run_retrain(args.run_dir, args.init, args.out, args.data_dir, args.quiet)
     return 0
 
 
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "retrain":
+            return cmd_retrain(args)
         parser.error(f"unknown command {args.command}")
     except LLTError as e:
         print(f"llt: error: {e}", file=sys.stderr)

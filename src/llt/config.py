@@ -115,6 +115,8 @@ class PruneSection:
     decision_split: str = _f("val", "split for Bottom-Up decisions; 'test-compat' reproduces the original's test-set use",
                              ("val", "test-compat"))
     allow_empty_layer: bool = _f(False, "allow pruning to remove every weight of a layer")
+    retrain_after: bool = _f(False, "Bottom-Up: re-train the tickets from the original initialisation (TR-BU) right "
+                             "after the search, into <run>-retrain-original (otherwise: llt retrain RUN_DIR)")
 
 
 @dataclass(frozen=True)

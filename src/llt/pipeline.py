@@ -27,7 +27,7 @@ from llt.evaluation import evaluate_seen_tasks
 from llt.models import remaining_weights
 from llt.runs import RunDir, build_summary, ensure_writable, load_checkpoint, run_name, save_checkpoint
 
-AVAILABLE_METHODS = ("stream", "cil", "td")
+AVAILABLE_METHODS = ("stream", "cil", "td", "bu")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,12 +102,23 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
                    train_labels=stream.train_labels.to(device), test_images=ds.test_images.to(device))
 
 
+def format_comparison(bu: dict, tr: dict) -> str:
+    """Per task: SA of the dense reference, the Bottom-Up ticket and the re-trained ticket, and remaining weights."""
+    head = f"{'after':<7} {'dense SA':>9} {'BU SA':>8} {'TR-BU SA':>9} {'weights%':>9}  decision"
+    lines = [head, "-" * len(head)]
+    for t in range(bu["num_tasks"]):
+        lines.append(f"T1~{t + 1:<4} {bu['reference_sa'][t]:9.2f} {bu['sa'][t]:8.2f} {tr['sa'][t]:9.2f} "
+                     f"{bu['remaining_weights'][t]:9.2f}  {bu['decisions'][t].split(':')[0]}")
+    lines.append(f"re-grow rounds that hit the cap: {bu['rounds_hit_cap']}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ dense CIL
 
-def finish(ctx: Context, R: list, remaining: list, **extra) -> dict:
+def finish(ctx: Context, R: list, remaining: list, method: str | None = None, **extra) -> dict:
     """Write summary.json and print the accuracy matrix with SA, forgetting and remaining weights."""
     cfg, rd = ctx.cfg, ctx.rd
-    summary = build_summary(cfg.run.method, ctx.ds.name, cfg.run.seed, R, remaining,
+    summary = build_summary(method or cfg.run.method, ctx.ds.name, cfg.run.seed, R, remaining,
                             dataset_status=ctx.ds.provenance.get("status"), **extra)
     rd.write_json("summary.json", summary)
     print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
@@ -196,6 +207,15 @@ def run(cfg: RunConfig, preset: str | None = None, quiet: bool = False) -> int:
         from llt.pruning.topdown import run_topdown
 
         run_topdown(ctx, quiet)
+    elif cfg.run.method == "bu":
+        from llt.pruning.bottomup import run_bottomup
+        from llt.pruning.retrain import run_retrain
+
+        bu = run_bottomup(ctx, quiet)
+        if cfg.prune.retrain_after:
+            print("re-training the tickets from the original initialisation (TR-BU)")
+            tr = run_retrain(ctx.rd.path, "original", quiet=quiet)
+            print(format_comparison(bu, tr))
     else:
         run_dense(ctx, quiet)
     return 0
@@ -221,12 +241,22 @@ def open_run(run_dir: str, data_dir: str | None = None) -> tuple[RunConfig, RunD
     return cfg, rd
 
 
-def evaluate_run(run_dir: str, task: int, data_dir: str | None = None) -> dict:
-    """Re-evaluate the stored model of task k on tasks 1..k; print and return the row."""
+def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: str = "ticket") -> dict:
+    """Re-evaluate the stored model of task k on tasks 1..k (heads 1..k only); print and return the row.
+
+    which="ticket": the model reported after task k (the ticket for Top-Down / Bottom-Up runs, the dense
+    model for dense runs); which="dense": the dense reference of a Bottom-Up run.
+    """
     cfg, rd = open_run(run_dir, data_dir)
-    ckpt = rd.file(f"checkpoints/task{task}.pt")
-    if task < 1 or not rd.stage_done(f"task{task}"):
-        done = sorted(int(p.stem[4:]) for p in rd.path.glob("stages/task*.done"))
+    if which == "dense":
+        if cfg.run.method != "bu":
+            raise LLTError(f"{run_dir}: --dense needs a Bottom-Up run (only those keep a dense reference per task); "
+                           f"this is a {cfg.run.method} run")
+        ckpt, stage = rd.file(f"checkpoints/ref{task}.pt"), f"ref{task}"
+    else:
+        ckpt, stage = rd.file(f"checkpoints/task{task}.pt"), f"task{task}"
+    if task < 1 or not rd.stage_done(stage):
+        done = sorted(int(p.stem[4:]) for p in rd.path.glob("stages/task*.done") if p.stem[4:].isdigit())
         raise LLTError(f"{run_dir}: task {task} is not finished in this run (finished tasks: {done or 'none'})")
     ctx = prepare(cfg, None, rd=rd, need_pool=False)
     import json
@@ -243,6 +273,7 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None) -> dict:
     ev = evaluate_seen_tasks(model, ctx.test_images, ctx.stream, task - 1, ctx.normalizer,
                              cfg.train.eval_batch_size, ctx.autocast_dtype)
     sa = sum(ev["row"]) / len(ev["row"])
-    print(f"task {task}: test accuracy per task " + " ".join(f"T{i + 1} {v:.2f}" for i, v in enumerate(ev["row"]))
+    label = "dense reference" if which == "dense" else "model"
+    print(f"task {task} {label}: test accuracy per task " + " ".join(f"T{i + 1} {v:.2f}" for i, v in enumerate(ev["row"]))
           + f" | SA {sa:.2f} | remaining weights {remaining_weights(model):.2f} %")
     return {"row": ev["row"], "sa": sa, "stored_row": meta.get("row")}
