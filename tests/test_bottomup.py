@@ -136,7 +136,7 @@ def test_retrain_and_evaluation_of_tickets_and_dense_references(grown, tmp_path,
     assert "task 2 dense reference" in out and f"T2 {ref_row[1]:.2f}" in out and "remaining weights 100.00 %" in out
     assert main(["eval", str(grown), "--task", "3", "--ticket"]) == 0
     out = capsys.readouterr().out
-    assert f"T3 {bu['accuracy_matrix'][2][2]:.2f}" in out and f"remaining weights {bu['remaining_weights'][2]:.2f} %" in out
+    assert out.startswith("task 3 ticket:") and f"T3 {bu['accuracy_matrix'][2][2]:.2f}" in out and f"remaining weights {bu['remaining_weights'][2]:.2f} %" in out
     for init in ("reference", "random"):
         assert main(["retrain", str(grown), "--out", str(tmp_path), "--quiet", "--init", init]) == 0
         assert (tmp_path / f"{grown.name}-retrain-{init}" / "summary.json").is_file()

@@ -157,12 +157,6 @@ def test_output_folder_that_cannot_be_written(capsys, tmp_path):
     assert "cannot write to the output folder" in err
 
 
-def test_method_not_in_this_version_is_refused_before_writing(capsys, tmp_path):  # bu arrives with issue 5
-    code, _, err = run_cli(["run", "--preset", "paper-cifar10-bu", "--out", str(tmp_path / "runs")], capsys)
-    assert_clean_failure(code, err)
-    assert not (tmp_path / "runs").exists()
-
-
 def test_python_dash_m_from_the_source_tree_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LLT_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "llt", "run", "--preset", "nope"], capture_output=True, text=True,

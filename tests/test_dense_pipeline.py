@@ -12,7 +12,7 @@ from llt.cli import main
 from llt.runs import load_checkpoint
 from llt.trainer import Trainer
 
-FAST = ["--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
+FAST = ["--set", "run.method=cil", "--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
         "--set", "data.num_tasks=3", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32"]
 
 
@@ -89,7 +89,7 @@ def test_eval_reproduces_the_stored_row(finished, capsys):
     stored = json.loads((finished / "summary.json").read_text())["accuracy_matrix"][1]
     assert main(["eval", str(finished), "--task", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("task 2: test accuracy per task ") and f"T2 {stored[1]:.2f}" in out
+    assert out.startswith("task 2 model: test accuracy per task ") and f"T2 {stored[1]:.2f}" in out
     assert f"T1 {stored[0]:.2f}" in out and "remaining weights 100.00 %" in out
 
 

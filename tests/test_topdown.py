@@ -17,7 +17,7 @@ from llt.trainer import Trainer
 
 FAST = ["--set", "run.method=td", "--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
         "--set", "data.num_tasks=3", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
-        "--set", "prune.td_rounds=[1,0,2]", "--set", "prune.finetune_epochs=1"]
+        "--set", "prune.td_rounds=[1,0,2]", "--set", "prune.finetune_epochs=1", "--set", "prune.rate=0.2"]
 
 
 def test_schedule_from_rounds_and_from_densities():

@@ -273,7 +273,7 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
     ev = evaluate_seen_tasks(model, ctx.test_images, ctx.stream, task - 1, ctx.normalizer,
                              cfg.train.eval_batch_size, ctx.autocast_dtype)
     sa = sum(ev["row"]) / len(ev["row"])
-    label = "dense reference" if which == "dense" else "model"
+    label = "dense reference" if which == "dense" else ("ticket" if cfg.run.method in ("td", "bu") else "model")
     print(f"task {task} {label}: test accuracy per task " + " ".join(f"T{i + 1} {v:.2f}" for i, v in enumerate(ev["row"]))
           + f" | SA {sa:.2f} | remaining weights {remaining_weights(model):.2f} %")
     return {"row": ev["row"], "sa": sa, "stored_row": meta.get("row")}
