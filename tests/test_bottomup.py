@@ -71,7 +71,8 @@ def test_masks_only_grow_and_follow_the_round_arithmetic(grown):
         grown_part -= prune_count(0.2, grown_part)
         assert new.num_kept() == old.num_kept() + grown_part
     summary = json.loads((grown / "summary.json").read_text())
-    assert summary["rounds_hit_cap"] == 3 and all(d.startswith(("imp: cap", "grow:")) for d in summary["decisions"])
+    assert summary["first_task_hit_cap"] is True and summary["regrows"] == 2 and summary["regrows_hit_cap"] == 2
+    assert all(d.startswith(("imp: cap", "grow:")) for d in summary["decisions"])
     assert summary["remaining_weights"] == pytest.approx([100 * m.density() for m in (m1, m2, m3)])
     assert len(summary["reference_matrix"]) == 3 and summary["decision_split"] == "val"
 

@@ -109,7 +109,8 @@ def format_comparison(bu: dict, tr: dict) -> str:
     for t in range(bu["num_tasks"]):
         lines.append(f"T1~{t + 1:<4} {bu['reference_sa'][t]:9.2f} {bu['sa'][t]:8.2f} {tr['sa'][t]:9.2f} "
                      f"{bu['remaining_weights'][t]:9.2f}  {bu['decisions'][t].split(':')[0]}")
-    lines.append(f"re-grow rounds that hit the cap: {bu['rounds_hit_cap']}")
+    lines.append(f"re-grows that ran to the cap (prune.max_rounds): {bu['regrows_hit_cap']} of {bu['regrows']}; "
+                 f"task-1 pruning ran to the cap: {'yes' if bu['first_task_hit_cap'] else 'no'}")
     return "\n".join(lines)
 
 

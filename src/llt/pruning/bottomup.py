@@ -174,7 +174,7 @@ class BottomUp:
         init = eng.initial_state()
         mask: Mask | None = None
         ref_prev: dict | None = None
-        R, R_ref, remaining, decisions, caps = [], [], [], [], 0
+        R, R_ref, remaining, decisions, capped_tasks = [], [], [], [], []
         for t in range(n):
             T = t + 1
             ticket_path = rd.file(f"checkpoints/task{T}.pt")
@@ -187,7 +187,7 @@ class BottomUp:
                 R_ref.append(meta["ref_row"])
                 remaining.append(100 * mask.density())
                 decisions.append(meta["decision"])
-                caps += meta["capped"]
+                capped_tasks += [T] if meta["capped"] else []
                 eng.progress.skip(2 * self.cfg.train.epochs)
                 print(f"task {T}: ticket finished before (stage marker present), skipping")
                 continue
@@ -220,7 +220,7 @@ class BottomUp:
                     decision = f"grow: SA gap {gap:.2f} >= {p.accept_decay} points; {loop.reason}"
                     if not old.issubset(mask):     # an internal invariant: the old ticket is never pruned
                         raise AssertionError(f"task {T}: re-growing removed ticket weights ({old.first_outside(mask)})")
-            caps += capped
+            capped_tasks += [T] if capped else []
             eng.load(state, "the ticket")
             row = eng.evaluate(t)["row"]
             if self.ctx.stream.exemplar_selection == "herding" and t < n - 1:
@@ -244,7 +244,10 @@ class BottomUp:
                                        f"{100 * mask.density():.2f} % | {decision}"))
         from llt.metrics import standard_accuracy
 
-        return finish(self.ctx, R, remaining, decisions=decisions, rounds_hit_cap=caps, reference_matrix=R_ref,
+        regrows = [T for T, d in enumerate(decisions, 1) if d.startswith("grow")]
+        return finish(self.ctx, R, remaining, decisions=decisions, first_task_hit_cap=1 in capped_tasks,
+                      regrows=len(regrows), regrows_hit_cap=len([T for T in regrows if T in capped_tasks]),
+                      reference_matrix=R_ref,
                       reference_sa=standard_accuracy(R_ref), decision_split=self.split)
 
 
