@@ -136,3 +136,17 @@ def test_no_pool_with_teaching_on_is_refused_but_ablation_runs(tmp_path, capsys)
     code, out, err, rd = run(tmp_path, capsys, "--set", "data.pool=none", "--set", "teaching.enabled=false",
                              "--set", "data.num_tasks=2", name="ablation")
     assert code == 0 and not (rd / "teaching").exists() and (rd / "summary.json").is_file()
+
+
+def test_a_run_is_never_continued_or_evaluated_on_other_data(finished, tmp_path, capsys):
+    rd = tmp_path / "out" / finished.name
+    shutil.copytree(finished, rd)
+    manifest = json.loads((rd / "manifest.json").read_text())
+    manifest["stream"]["sha256_val_idx"] = "0" * 64         # as if the data had changed since the run
+    (rd / "manifest.json").write_text(json.dumps(manifest))
+    (rd / "stages/task3.done").unlink()
+    assert main(["run", "--preset", "demo", "--out", str(tmp_path / "out"), "--quiet", *FAST]) == 2
+    assert "the data no longer give this run's task stream (sha256_val_idx differ)" in capsys.readouterr().err
+    assert not (rd / "stages/task3.done").exists()
+    assert main(["eval", str(rd), "--task", "1"]) == 2
+    assert "sha256_val_idx differ" in capsys.readouterr().err

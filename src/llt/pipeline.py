@@ -1,6 +1,8 @@
 """`llt run` and `llt eval`: config -> data -> stream -> stages -> records -> summary.
 
-Stages of the dense method (`cil`, the original's main_CIL.py), each finished by a marker written last:
+`prepare` loads the data and opens the run directory; a method is a stage machine over the Engine:
+`run_dense` here, `run_topdown` and `run_bottomup` in llt.pruning. Stages of the dense method (`cil`,
+the original's main_CIL.py), each finished by a marker written last:
 
     teach{t}   lottery teaching after task t (t = 1..n-1): queried unlabeled images + teacher logits,
                teacher = the best model of task t          -> teaching/task{t}.pt
@@ -8,7 +10,7 @@ Stages of the dense method (`cil`, the original's main_CIL.py), each finished by
                test evaluation on tasks 1..t                -> checkpoints/task{t}.pt
 
 Running the same command again into the same run directory skips finished stages, so a long run can be
-carried on across separate invocations. Top-Down and Bottom-Up will drive the same pieces.
+carried on across separate invocations.
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ def format_matrix(R: list[list[float]], sa: list[float], forgetting: list, remai
     return "\n".join(lines)
 
 
+def check_same_stream(rd: RunDir, got: dict) -> None:
+    """Refuse to continue or evaluate a run whose data no longer give the stream it was made with."""
+    import json
+
+    try:
+        expected = json.loads(rd.file("manifest.json").read_text()).get("stream", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise LLTError(f"{rd.file('manifest.json')}: not a readable manifest ({e})") from None
+    changed = [k for k in ("class_order", "sha256_train_idx", "sha256_val_idx", "sha256_test_idx", "sha256_exemplars")
+               if expected.get(k) != got.get(k)]
+    if changed:
+        raise LLTError(f"{rd.path}: the data no longer give this run's task stream ({', '.join(changed)} differ); "
+                       f"point --data-dir at the data the run was made with, or start a new run")
+
+
 def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -89,9 +106,14 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
                           exemplar_selection=d.exemplar_selection, seed=cfg.run.seed)
     if rd is None:
         rd = RunDir.create(cfg.run.out_dir, run_name(cfg, preset))
-    if not rd.file("manifest.json").is_file():
+    if rd.file("manifest.json").is_file():
+        check_same_stream(rd, stream.manifest())
+    else:
         rd.write_manifest(cfg, preset, device=str(device),
-                          seeds={"run": cfg.run.seed, **{p: derive_seed(cfg.run.seed, p) for p in ("split", "init", "augment", "teaching")}},
+                          seeds={"run": cfg.run.seed, "split": derive_seed(cfg.run.seed, "split"),
+                                 "init": derive_seed(cfg.run.seed, "init"),
+                                 "rule": "every random choice draws from derive_seed(run seed, purpose), purposes: "
+                                         "split, exemplars/<label>, init, augment/<stage>, teaching/<task>"},
                           dataset={"name": ds.name, **ds.info()}, pool=pool_info, stream=stream.manifest())
         save_checkpoint(rd.file("stream.pt"), stream.state_dict(), stream.manifest())
     channels_last = device.type == "cuda"
@@ -260,14 +282,6 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
         done = sorted(int(p.stem[4:]) for p in rd.path.glob("stages/task*.done") if p.stem[4:].isdigit())
         raise LLTError(f"{run_dir}: task {task} is not finished in this run (finished tasks: {done or 'none'})")
     ctx = prepare(cfg, None, rd=rd, need_pool=False)
-    import json
-
-    expected = json.loads(rd.file("manifest.json").read_text()).get("stream", {})
-    got = ctx.stream.manifest()
-    changed = [k for k in ("sha256_train_idx", "sha256_test_idx", "class_order") if expected.get(k) != got.get(k)]
-    if changed:
-        raise LLTError(f"{run_dir}: the data no longer give the run's stream ({', '.join(changed)} differ); "
-                       f"point --data-dir at the data the run used")
     model = ctx.new_model()
     state, meta = load_checkpoint(ckpt)
     load_model_state(model, state, str(ckpt))
