@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="with --fields: the tables of docs/configuration.md")
     p.add_argument("--list", action="store_true", help="list the available presets")
 
+    p = sub.add_parser("report", help="tables and figures (Markdown, CSV, PNG) from finished runs")
+    p.add_argument("run_dirs", nargs="+", help="finished run directories (runs differing only by seed are grouped)")
+    p.add_argument("--out", required=True, help="folder for report.md, summary.csv and the PNG figures")
+
+    p = sub.add_parser("list", help="the runs in a folder: method, dataset, seed, state, final SA")
+    p.add_argument("folder", nargs="?", default="runs", help="folder of run directories (default: runs)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("info", help="print counts, shapes and checksum status of a dataset as JSON")
@@ -129,6 +137,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from llt.reporting.report import report
+
+    for path in report(args.run_dirs, args.out):
+        print(path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from llt.reporting.listing import format_runs, list_runs
+
+    rows = list_runs(args.folder)
+    print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+    return 0
+
+
 def cmd_retrain(args) -> int:
     from llt.pruning.retrain import run_retrain
 
@@ -150,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "retrain":
             return cmd_retrain(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "list":
+            return cmd_list(args)
         parser.error(f"unknown command {args.command}")
     except LLTError as e:
         print(f"llt: error: {e}", file=sys.stderr)

@@ -1,0 +1,312 @@
+"""`llt report`: tables and figures from finished runs' records (no model is run).
+
+Inputs per run directory: summary.json (accuracy matrix, SA, remaining weights), manifest.json (config),
+records.jsonl (per-layer densities of tickets) and masks/task{t}.pt (mask overlap). Runs whose configs
+differ only by the seed form one group, shown as mean and standard deviation over seeds.
+
+Outputs in OUT_DIR:
+    report.md                 per group: SA, remaining weights, forgetting per task (mean +- std, seeds)
+    summary.csv               the same numbers, one row per (group, task)
+    sa.png                    SA against the number of learned tasks, one line per group (Figure 4, top)
+    remaining_weights.png     remaining weights per task as grouped bars (Figure 4, bottom)
+    accuracy_matrix-<run>.png the accuracy matrix of each run as a heatmap
+    layer_density-<run>.png   per-layer density of each task's ticket (pruned runs)
+    mask_overlap-<run>.png    intersection over union of the task masks (pruned runs)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llt.errors import LLTError
+from llt.runs import check_summary
+
+METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU"}
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    config: dict
+    layer_density: list[dict] = field(default_factory=list)   # per task: layer -> density (pruned runs)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise LLTError(f"{path.parent} is not a finished llt run (no {path.name}; {what})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LLTError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_run(path: str | Path) -> Run:
+    """A finished run's summary, config and per-layer densities; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LLTError(f"{path} is not a folder")
+    summary = check_summary(_read_json(path / "summary.json", "finish it by running the same command again"),
+                            str(path / "summary.json"))
+    manifest = _read_json(path / "manifest.json", "not an llt run directory")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise LLTError(f"{path / 'manifest.json'}: not an llt manifest (no config)")
+    layer = {}
+    records = path / "records.jsonl"
+    if records.is_file():
+        for line in records.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if r.get("event") in ("ticket", "level") and "per_layer_density" in r and \
+                    (r["event"] == "ticket" or r.get("kind") == "ticket"):
+                layer[r["task"]] = r["per_layer_density"]
+    return Run(path, summary, manifest["config"], [layer[t] for t in sorted(layer)])
+
+
+def group_key(run: Run) -> str:
+    """Runs that differ only by seed (and name/output folder) share a key."""
+    cfg = json.loads(json.dumps(run.config))
+    for k in ("seed", "name", "out_dir"):
+        cfg.get("run", {}).pop(k, None)
+    blob = json.dumps({"method": run.summary["method"], "cfg": cfg}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.summary["seed"] for r in self.runs]
+
+    def per_task(self, key: str) -> list[tuple[float, float]]:
+        n = min(r.summary["num_tasks"] for r in self.runs)
+        out = []
+        for t in range(n):
+            vals = [r.summary[key][t] for r in self.runs if r.summary[key][t] is not None]
+            out.append(mean_std(vals) if vals else (math.nan, math.nan))
+        return out
+
+
+def make_groups(runs: list[Run]) -> list[Group]:
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(group_key(r), []).append(r)
+    out = []
+    for key, members in groups.items():
+        s = members[0].summary
+        label = f"{METHOD_NAMES.get(s['method'], s['method'])} ({s['dataset']}"
+        if s["method"] in ("td", "bu", "trbu"):
+            label += f", {s['remaining_weights'][-1]:.2f} %"
+        label += ")"
+        if sum(1 for g in out if g.label.startswith(label)):
+            label += f" [{key}]"
+        out.append(Group(label, sorted(members, key=lambda r: r.summary["seed"])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def write_tables(groups: list[Group], out: Path) -> None:
+    rows = []
+    md = ["# llt report", ""]
+    for g in groups:
+        sa, rw, fg = g.per_task("sa"), g.per_task("remaining_weights"), g.per_task("forgetting")
+        md += [f"## {g.label}", "", f"runs: {', '.join(r.name for r in g.runs)}; seeds: {g.seeds}", "",
+               "| after task | SA (%) | remaining weights (%) | forgetting (points) |", "| --- | --- | --- | --- |"]
+        for t, ((sm, ss), (rm, rs), (fm, fs)) in enumerate(zip(sa, rw, fg)):
+            pm = lambda m, s: "" if math.isnan(m) else (f"{m:.2f}" if len(g.runs) == 1 else f"{m:.2f} +- {s:.2f}")  # noqa: E731
+            md.append(f"| {t + 1} | {pm(sm, ss)} | {pm(rm, rs)} | {pm(fm, fs)} |")
+            rows.append({"group": g.label, "seeds": " ".join(map(str, g.seeds)), "task": t + 1,
+                         "sa_mean": round(sm, 4), "sa_std": round(ss, 4), "remaining_mean": round(rm, 4),
+                         "remaining_std": round(rs, 4), "forgetting_mean": "" if math.isnan(fm) else round(fm, 4),
+                         "forgetting_std": "" if math.isnan(fs) else round(fs, 4)})
+        for r in g.runs:
+            R = r.summary["accuracy_matrix"]
+            md += ["", f"Accuracy matrix of {r.name} (seed {r.summary['seed']}), test accuracy in %:", "",
+                   "| after | " + " | ".join(f"T{i + 1}" for i in range(len(R))) + " |",
+                   "| --- |" + " --- |" * len(R)]
+            for t, row in enumerate(R):
+                md.append(f"| T1~{t + 1} | " + " | ".join(f"{v:.2f}" for v in row) + " |" * (len(R) - t - 1) + " |")
+        md.append("")
+    (out / "report.md").write_text("\n".join(md))
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sa(groups: list[Group], out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.6), dpi=120)
+    for g in groups:
+        sa = g.per_task("sa")
+        x = list(range(1, len(sa) + 1))
+        ax.errorbar(x, [m for m, _ in sa], yerr=[s for _, s in sa], marker="o", capsize=3, label=g.label)
+    ax.set_xlabel("number of learned tasks")
+    ax.set_ylabel("SA (%)")
+    ax.set_xticks(range(1, max(len(g.per_task("sa")) for g in groups) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    ax.set_title("Standard accuracy as tasks are added")
+    fig.tight_layout()
+    path = out / "sa.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_remaining(groups: list[Group], out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.6), dpi=120)
+    width = 0.8 / len(groups)
+    for i, g in enumerate(groups):
+        rw = g.per_task("remaining_weights")
+        x = [t + 1 + (i - (len(groups) - 1) / 2) * width for t in range(len(rw))]
+        bars = ax.bar(x, [m for m, _ in rw], width, yerr=[s for _, s in rw], capsize=2, label=g.label)
+        ax.bar_label(bars, labels=[f"{m:.2f}" for m, _ in rw], fontsize=6, padding=2, rotation=90)
+    ax.set_xlabel("task")
+    ax.set_ylabel("remaining weights (%)")
+    ax.set_xticks(range(1, max(len(g.per_task("remaining_weights")) for g in groups) + 1))
+    ax.set_ylim(0, 118)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    ax.set_title("Remaining weights per task")
+    fig.tight_layout()
+    path = out / "remaining_weights.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_matrix(run: Run, out: Path) -> Path:
+    plt = _plt()
+    R = run.summary["accuracy_matrix"]
+    n = len(R)
+    grid = [[row[i] if i < len(row) else math.nan for i in range(n)] for row in R]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n), dpi=120)
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for t in range(n):
+        for i in range(t + 1):
+            ax.text(i, t, f"{R[t][i]:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if R[t][i] < 60 else "black")
+    ax.set_xticks(range(n), [f"T{i + 1}" for i in range(n)])
+    ax.set_yticks(range(n), [f"after {t + 1}" for t in range(n)])
+    ax.set_xlabel("evaluated task")
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    ax.set_title(f"{METHOD_NAMES.get(run.summary['method'], run.summary['method'])}, seed {run.summary['seed']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out / f"accuracy_matrix-{run.name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_density(run: Run, out: Path) -> Path | None:
+    if not run.layer_density:
+        return None
+    plt = _plt()
+    layers = list(run.layer_density[0])
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    for t, dens in enumerate(run.layer_density):
+        ax.plot(range(len(layers)), [100 * dens[k] for k in layers], marker=".", label=f"task {t + 1}")
+    ax.set_xticks(range(len(layers)), [k.removesuffix(".weight") for k in layers], rotation=70, fontsize=6)
+    ax.set_ylabel("density (%)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Per-layer density of the tickets: {run.name}", fontsize=9)
+    fig.tight_layout()
+    path = out / f"layer_density-{run.name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def mask_iou(run: Run) -> list[list[float]] | None:
+    """Intersection over union of the task masks (None when the run has no masks)."""
+    import torch
+
+    from llt.pruning.mask import Mask
+
+    n = run.summary["num_tasks"]
+    paths = [run.path / f"masks/task{t}.pt" for t in range(1, n + 1)]
+    if not all(p.is_file() for p in paths):
+        return None
+    masks = [Mask.load(p) for p in paths]
+    flat = [torch.cat([m[k].flatten() for k in m.names()]) for m in masks]
+    return [[float((a & b).sum()) / max(float((a | b).sum()), 1.0) for b in flat] for a in flat]
+
+
+def plot_overlap(run: Run, out: Path) -> Path | None:
+    iou = mask_iou(run)
+    if iou is None:
+        return None
+    plt = _plt()
+    n = len(iou)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 0.8 + 0.6 * n), dpi=120)
+    im = ax.imshow(iou, vmin=0, vmax=1, cmap="magma")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{iou[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if iou[i][j] < 0.5 else "black")
+    ticks = [f"T{t + 1}" for t in range(n)]
+    ax.set_xticks(range(n), ticks)
+    ax.set_yticks(range(n), ticks)
+    fig.colorbar(im, ax=ax, label="intersection over union")
+    ax.set_title(f"Mask overlap: {run.name}", fontsize=9)
+    fig.tight_layout()
+    path = out / f"mask_overlap-{run.name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report(run_dirs: list[str], out_dir: str) -> list[Path]:
+    runs = [load_run(p) for p in run_dirs]
+    if not runs:
+        raise LLTError("llt report needs at least one run directory")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LLTError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
+    groups = make_groups(runs)
+    write_tables(groups, out)
+    written = [out / "report.md", out / "summary.csv", plot_sa(groups, out), plot_remaining(groups, out)]
+    for r in runs:
+        written.append(plot_matrix(r, out))
+        written += [p for p in (plot_layer_density(r, out), plot_overlap(r, out)) if p]
+    return written

@@ -1,0 +1,98 @@
+"""`llt report` and `llt list` on generated runs (no training): files, values, grouping, bad inputs."""
+
+import csv
+import dataclasses
+import json
+import statistics
+
+import pytest
+
+from llt.cli import main
+from llt.config import RunConfig, to_tree
+from llt.models import build_model
+from llt.pruning import Mask, global_magnitude_prune
+from llt.runs import RunDir, build_summary
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root, name, method, seed, R, remaining, masks=None):
+    rd = RunDir.create(root, name)
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, method=method if method != "trbu" else "bu", seed=seed))
+    rd.write_json("manifest.json", {"config": to_tree(cfg)})
+    for t, mask in enumerate(masks or [], 1):
+        mask.save(rd.file(f"masks/task{t}.pt"))
+        rd.record("ticket", task=t, per_layer_density=mask.per_layer_density())
+    rd.write_json("summary.json", build_summary(method, "cifar10", seed, R, remaining))
+    return rd.path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    m = build_model(2, 2, width=4, seed=0)
+    w = dict(m.named_parameters())
+    m1 = global_magnitude_prune(w, Mask.ones(m), 0.8)
+    m2 = m1 | global_magnitude_prune(w, Mask.ones(m), 0.7)
+    bu0 = make_run(tmp_path, "bu-s0", "bu", 0, [[90.0], [80.0, 70.0]], [100 * m1.density(), 100 * m2.density()], [m1, m2])
+    bu1 = make_run(tmp_path, "bu-s1", "bu", 1, [[94.0], [84.0, 76.0]], [100 * m1.density(), 100 * m2.density()], [m1, m2])
+    cil = make_run(tmp_path, "cil-s0", "cil", 0, [[95.0], [85.0, 81.0]], [100.0, 100.0])
+    return tmp_path, [bu0, bu1, cil], (m1, m2)
+
+
+def test_report_writes_tables_and_figures_with_seed_statistics(runs, capsys):
+    root, dirs, (m1, m2) = runs
+    out = root / "report"
+    assert main(["report", *map(str, dirs), "--out", str(out)]) == 0
+    for name in ("sa.png", "remaining_weights.png", "accuracy_matrix-bu-s0.png", "accuracy_matrix-cil-s0.png",
+                 "layer_density-bu-s0.png", "mask_overlap-bu-s1.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    assert not (out / "mask_overlap-cil-s0.png").exists()          # a dense run has no masks
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    bu = [r for r in rows if r["group"].startswith("Bottom-Up")]
+    assert [r["seeds"] for r in bu] == ["0 1", "0 1"]               # the two seeds form one group
+    sa2 = [statistics.mean([75.0, 80.0]), statistics.stdev([75.0, 80.0])]
+    assert float(bu[1]["sa_mean"]) == pytest.approx(sa2[0]) and float(bu[1]["sa_std"]) == pytest.approx(sa2[1], abs=1e-4)
+    assert float(bu[0]["remaining_mean"]) == pytest.approx(100 * m1.density(), abs=1e-4)
+    assert float(bu[1]["forgetting_mean"]) == pytest.approx(10.0)   # both seeds forgot 10 points of task 1
+    dense = [r for r in rows if r["group"].startswith("Dense")]
+    assert dense[1]["sa_std"] == "0.0" and float(dense[1]["sa_mean"]) == 83.0
+    md = (out / "report.md").read_text()
+    assert "77.50 +- 3.54" in md and "| T1~2 | 80.00 | 70.00 |" in md
+
+
+def test_mask_overlap_is_intersection_over_union(runs):
+    from llt.reporting.report import load_run, mask_iou
+
+    _, dirs, (m1, m2) = runs
+    iou = mask_iou(load_run(dirs[0]))
+    assert iou[0][0] == 1.0 and iou[0][1] == pytest.approx(m1.num_kept() / m2.num_kept())   # m1 is inside m2
+
+
+def test_report_refuses_what_is_not_a_finished_run(runs, tmp_path, capsys):
+    root, dirs, _ = runs
+    (dirs[0] / "summary.json").unlink()
+    assert main(["report", str(dirs[0]), "--out", str(tmp_path / "r")]) == 2
+    assert "is not a finished llt run (no summary.json" in capsys.readouterr().err
+    (dirs[1] / "summary.json").write_text(json.dumps({"method": "bu"}))
+    assert main(["report", str(dirs[1]), "--out", str(tmp_path / "r")]) == 2
+    assert "not an llt summary (missing dataset" in capsys.readouterr().err
+    (dirs[2] / "summary.json").write_text("{ truncated")
+    assert main(["report", str(dirs[2]), "--out", str(tmp_path / "r")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_list_shows_state_and_final_sa(runs, capsys):
+    root, dirs, _ = runs
+    unfinished = RunDir.create(root, "zz-unfinished")
+    unfinished.write_json("manifest.json", {"config": to_tree(RunConfig())})
+    unfinished.mark_done("task1")
+    unfinished.mark_done("teach1")
+    assert main(["list", str(root), "--json"]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["bu-s0"]["state"] == "finished" and rows["bu-s0"]["final_sa"] == 75.0
+    assert rows["cil-s0"]["method"] == "cil" and rows["bu-s1"]["seed"] == 1
+    assert rows["zz-unfinished"]["state"] == "interrupted after teach1" and rows["zz-unfinished"]["final_sa"] is None
+    assert main(["list", str(root)]) == 0
+    assert "finished" in capsys.readouterr().out
