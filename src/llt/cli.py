@@ -23,6 +23,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="shortcut for --set run.out_dir=DIR")
 
 
+def _add_progress_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", dest="progress", action="store_const", const="quiet", default="auto",
+                   help="no progress display (the per-task lines and the final table only)")
+    g.add_argument("--jsonl", dest="progress", action="store_const", const="jsonl",
+                   help="progress as one JSON object per epoch on stderr, for machines")
+
+
 def _overrides(args) -> list[str]:
     extra = []
     for flag, key in (("data_dir", "data.data_dir"), ("cache_dir", "data.cache_dir"), ("seed", "run.seed"),
@@ -42,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a preset end to end into a run directory (reruns skip finished stages)")
     _add_config_args(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars (per-task lines and the final table only)")
+    _add_progress_args(p)
 
     p = sub.add_parser("eval", help="re-evaluate the stored model of task k of a run on tasks 1..k")
     p.add_argument("run_dir", help="a run directory written by `llt run`")
@@ -60,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialisation: the run's theta_0 (default), the previous task's dense reference, or random")
     p.add_argument("--out", help="folder for the new run directory (default: beside the Bottom-Up run)")
     p.add_argument("--data-dir", help="the data folder, if it moved since the run")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_progress_args(p)
 
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
@@ -127,7 +135,7 @@ def cmd_data_info(args) -> int:
 def cmd_run(args) -> int:
     from llt.pipeline import run
 
-    return run(load_config(args.preset, _overrides(args)), args.preset, quiet=args.quiet)
+    return run(load_config(args.preset, _overrides(args)), args.preset, progress=args.progress)
 
 
 def cmd_eval(args) -> int:
@@ -156,7 +164,7 @@ def cmd_list(args) -> int:
 def cmd_retrain(args) -> int:
     from llt.pruning.retrain import run_retrain
 
-    run_retrain(args.run_dir, args.init, args.out, args.data_dir, args.quiet)
+    run_retrain(args.run_dir, args.init, args.out, args.data_dir, args.progress)
     return 0
 
 

@@ -8,6 +8,7 @@ context (data on the device, stream, pool, run directory).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -67,11 +68,18 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
 
 
 class Progress:
-    """Progress of a run: a bar per training on a terminal (loss, validation accuracy, time left for the
-    whole run); elsewhere (logs, remote machines) one line every `every` epochs; nothing with quiet."""
+    """Progress of a run, by mode:
+    - "auto": a bar per training on a terminal (loss, validation accuracy, time left for the whole run);
+      elsewhere (logs, remote machines) one line every `every` epochs;
+    - "jsonl": one JSON object per epoch on stderr, for machines;
+    - "quiet": nothing (the per-task lines and the final table are printed all the same)."""
 
-    def __init__(self, total_epochs: int, quiet: bool = False, every: int = 10):
-        self.total, self.done, self.seconds, self.quiet, self.every = total_epochs, 0, 0.0, quiet, every
+    MODES = ("auto", "quiet", "jsonl")
+
+    def __init__(self, total_epochs: int, mode: str = "auto", every: int = 10):
+        if mode not in self.MODES:
+            raise ValueError(f"progress mode must be one of {self.MODES}, got {mode!r}")
+        self.total, self.done, self.seconds, self.mode, self.every = total_epochs, 0, 0.0, mode, every
         self.bar, self.desc, self.epochs, self.tty = None, "", 0, sys.stderr.isatty()
 
     def skip(self, epochs: int) -> None:
@@ -80,7 +88,7 @@ class Progress:
 
     def start(self, desc: str, epochs: int):
         self.desc, self.epochs = desc, epochs
-        if self.quiet or not self.tty:
+        if self.mode != "auto" or not self.tty:
             return
         from tqdm import tqdm
 
@@ -89,11 +97,17 @@ class Progress:
     def update(self, epoch: int, stats: dict):
         self.done += 1
         self.seconds += stats["seconds"]
-        left = time.strftime("%H:%M:%S", time.gmtime(self.seconds / self.done * max(self.total - self.done, 0)))
-        if self.bar is not None:
+        left_s = self.seconds / self.done * max(self.total - self.done, 0)
+        left = time.strftime("%H:%M:%S", time.gmtime(left_s))
+        if self.mode == "jsonl":
+            print(json.dumps({"event": "epoch", "stage": self.desc, "epoch": epoch, "epochs": self.epochs,
+                              "loss": stats["loss"], "val": stats["val"], "lr": stats["lr"],
+                              "seconds": round(stats["seconds"], 4), "run_seconds_left": round(left_s, 1)}),
+                  file=sys.stderr, flush=True)
+        elif self.bar is not None:
             self.bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{stats['val']:.1f}", run_left=left, refresh=False)
             self.bar.update(1)
-        elif not self.quiet and (epoch % self.every == 0 or epoch == self.epochs):
+        elif self.mode == "auto" and (epoch % self.every == 0 or epoch == self.epochs):
             print(f"  {self.desc} epoch {epoch}/{self.epochs}: loss {stats['loss']:.4f} val {stats['val']:.2f} "
                   f"lr {stats['lr']:.2g} | {stats['seconds']:.2f} s/epoch | run left {left}", file=sys.stderr, flush=True)
 
@@ -108,13 +122,13 @@ def history_record(result: TaskResult) -> list[dict]:
 
 
 class Engine:
-    def __init__(self, ctx: Context, total_epochs: int, quiet: bool = False):
+    def __init__(self, ctx: Context, total_epochs: int, progress: str = "auto"):
         self.ctx, self.cfg, self.rd = ctx, ctx.cfg, ctx.rd
         self.model = ctx.new_model()
         self.trainer = Trainer(self.model, ctx.normalizer, ctx.autocast_dtype,
                                eval_batch_size=ctx.cfg.train.eval_batch_size,
                                compile=ctx.cfg.train.compile and ctx.device.type == "cuda")
-        self.progress = Progress(total_epochs, quiet)
+        self.progress = Progress(total_epochs, progress)
         self.herded: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ model

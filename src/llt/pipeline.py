@@ -15,6 +15,7 @@ carried on across separate invocations.
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import torch
@@ -28,9 +29,6 @@ from llt.errors import LLTError
 from llt.evaluation import evaluate_seen_tasks
 from llt.models import remaining_weights
 from llt.runs import RunDir, build_summary, ensure_writable, load_checkpoint, run_name, save_checkpoint
-
-AVAILABLE_METHODS = ("stream", "cil", "td", "bu")
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -65,6 +63,21 @@ def format_matrix(R: list[list[float]], sa: list[float], forgetting: list, remai
         f = "" if forgetting[t] is None else f"{forgetting[t]:.2f}"
         lines.append(f"T1~{t + 1:<3} {cells} {sa[t]:7.2f} {f:>7} {remaining[t]:9.2f}")
     return "\n".join(lines)
+
+
+def check_format(rd: RunDir) -> None:
+    """Refuse run directories written by another format version (instead of mixing their files)."""
+    import json
+
+    from llt.runs import FORMAT_VERSION
+
+    try:
+        version = json.loads(rd.file("manifest.json").read_text()).get("format_version")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise LLTError(f"{rd.file('manifest.json')}: not a readable manifest ({e})") from None
+    if version != FORMAT_VERSION:
+        raise LLTError(f"{rd.path} was written by run-directory format {version}; this llt writes format "
+                       f"{FORMAT_VERSION}. Start a new run (another --out or run.name) instead of mixing them")
 
 
 def check_same_stream(rd: RunDir, got: dict) -> None:
@@ -107,6 +120,7 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
     if rd is None:
         rd = RunDir.create(cfg.run.out_dir, run_name(cfg, preset))
     if rd.file("manifest.json").is_file():
+        check_format(rd)
         check_same_stream(rd, stream.manifest())
     else:
         rd.write_manifest(cfg, preset, device=str(device),
@@ -155,11 +169,11 @@ def task_line(t: int, n: int, row: list[float], extra: str = "") -> str:
             + f" | SA {sum(row) / len(row):.2f}" + (f" | {extra}" if extra else ""))
 
 
-def run_dense(ctx: Context, quiet: bool = False) -> dict:
+def run_dense(ctx: Context, progress: str = "auto") -> dict:
     """Dense class-incremental learning with lottery teaching: stage task{t} per task (teach{t} before it)."""
     cfg, rd, stream = ctx.cfg, ctx.rd, ctx.stream
     n = stream.num_tasks
-    eng = Engine(ctx, n * cfg.train.epochs, quiet)
+    eng = Engine(ctx, n * cfg.train.epochs, progress)
     R, remaining = [], []
     for t in range(n):
         stage, ckpt = f"task{t + 1}", rd.file(f"checkpoints/task{t + 1}.pt")
@@ -197,14 +211,25 @@ def run_dense(ctx: Context, quiet: bool = False) -> dict:
 
 # ------------------------------------------------------------------------------------------ entry points
 
-def run(cfg: RunConfig, preset: str | None = None, quiet: bool = False) -> int:
-    if cfg.run.method not in AVAILABLE_METHODS:
-        raise LLTError(f"run.method={cfg.run.method}: not available in this version of llt (available: "
-                       f"{', '.join(AVAILABLE_METHODS)})")
+def run(cfg: RunConfig, preset: str | None = None, progress: str = "auto") -> int:
     resolve_device(cfg.run.device)
-    ensure_writable(cfg.run.out_dir)  # before the (possibly slow) data loading
     t0 = time.perf_counter()
-    ctx = prepare(cfg, preset)
+    name = run_name(cfg, preset)
+    fresh = not (ensure_writable(cfg.run.out_dir) / name).exists()
+    rd = RunDir.create(cfg.run.out_dir, name)
+    try:
+        with rd.lock():
+            ctx = prepare(cfg, preset, rd=rd)
+            _run_method(ctx, t0, progress)
+    except BaseException:
+        if fresh and not rd.file("manifest.json").exists():   # failed before anything was recorded
+            shutil.rmtree(rd.path, ignore_errors=True)
+        raise
+    return 0
+
+
+def _run_method(ctx: Context, t0: float, progress: str) -> None:
+    cfg = ctx.cfg
     load_s = time.perf_counter() - t0
     print(f"run directory: {ctx.rd.path}")
     if ctx.ds.provenance.get("checksums_matched") is False:
@@ -225,23 +250,21 @@ def run(cfg: RunConfig, preset: str | None = None, quiet: bool = False) -> int:
         if stream.exemplar_selection == "herding":
             print(f"exemplars: herding, {stream.exemplars_per_class} per class, selected from teacher features once each "
                   f"task is learned (the memory column counts only what is known before training)")
-        return 0
-    if cfg.run.method == "td":
+    elif cfg.run.method == "td":
         from llt.pruning.topdown import run_topdown
 
-        run_topdown(ctx, quiet)
+        run_topdown(ctx, progress)
     elif cfg.run.method == "bu":
         from llt.pruning.bottomup import run_bottomup
         from llt.pruning.retrain import run_retrain
 
-        bu = run_bottomup(ctx, quiet)
+        bu = run_bottomup(ctx, progress)
         if cfg.prune.retrain_after:
             print("re-training the tickets from the original initialisation (TR-BU)")
-            tr = run_retrain(ctx.rd.path, "original", quiet=quiet)
+            tr = run_retrain(ctx.rd.path, "original", progress=progress)
             print(format_comparison(bu, tr))
     else:
-        run_dense(ctx, quiet)
-    return 0
+        run_dense(ctx, progress)
 
 
 def open_run(run_dir: str, data_dir: str | None = None) -> tuple[RunConfig, RunDir]:

@@ -196,6 +196,11 @@ class RunDir:
                 break  # a torn last line from a crash: everything before it is valid
         return out
 
+    # lock
+    def lock(self) -> "RunLock":
+        """Exclusive use of this run directory (a context manager); see RunLock."""
+        return RunLock(self.file("lock"))
+
     # stages
     def stage_done(self, stage: str) -> bool:
         return self.file(f"stages/{stage}.done").is_file()
@@ -208,6 +213,61 @@ class RunDir:
                                           "config_hash": config_hash(cfg), "config": to_tree(cfg),
                                           "environment": environment(), **sections})
         self.write_text("config.yaml", dump_yaml(cfg))
+
+
+class RunLock:
+    """A lock file holding the owner's host and pid, created with O_EXCL.
+
+    A second process that finds a lock whose owner is alive on this host stops with a clear error; a lock
+    whose owner is gone (a crash, SIGKILL) is stale and taken over, with a note. Released on exit.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __enter__(self) -> "RunLock":
+        me = {"host": platform.node(), "pid": os.getpid(), "since": round(time.time(), 3)}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                same_host = owner.get("host") == me["host"]
+                if same_host and isinstance(owner.get("pid"), int) and self._alive(owner["pid"]):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
+                    raise LLTError(f"{self.path.parent} is in use by process {owner['pid']} (since {since}); "
+                                   f"wait for it to finish or stop it") from None
+                if not same_host and owner:
+                    raise LLTError(f"{self.path.parent} is locked by process {owner.get('pid')} on host "
+                                   f"{owner.get('host')}; if that run is gone, delete {self.path}") from None
+                print(f"[llt] note: removing a stale lock of process {owner.get('pid')} (no longer running)",
+                      file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            return self
+        raise LLTError(f"could not lock {self.path.parent}")
+
+    def __exit__(self, *exc) -> None:
+        if self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
 
 
 def build_summary(method: str, dataset: str, seed: int, accuracy_matrix, remaining_weights, **extra) -> dict:

@@ -71,14 +71,14 @@ class LoopResult:
 
 
 class BottomUp:
-    def __init__(self, ctx: Context, quiet: bool = False):
+    def __init__(self, ctx: Context, progress: str = "auto"):
         cfg = ctx.cfg
         self.ctx, self.cfg, self.rd, self.p = ctx, cfg, ctx.rd, cfg.prune
         self.n = ctx.stream.num_tasks
         self.split = "test" if self.p.decision_split == "test-compat" else "val"
         # an upper bound for the time estimate: every re-grow running to the cap
         per_task = 2 * cfg.train.epochs + self.p.max_rounds * self.p.finetune_epochs
-        self.eng = Engine(ctx, self.n * per_task, quiet)
+        self.eng = Engine(ctx, self.n * per_task, progress)
 
     # ------------------------------------------------------------------------------------------ helpers
     def decision_overall(self, t: int) -> float:
@@ -251,5 +251,5 @@ class BottomUp:
                       reference_sa=standard_accuracy(R_ref), decision_split=self.split)
 
 
-def run_bottomup(ctx: Context, quiet: bool = False) -> dict:
-    return BottomUp(ctx, quiet).run()
+def run_bottomup(ctx: Context, progress: str = "auto") -> dict:
+    return BottomUp(ctx, progress).run()

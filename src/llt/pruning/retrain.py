@@ -56,8 +56,8 @@ def check_nested(masks: list[Mask]) -> None:
 
 
 def run_retrain(src_dir: str | Path, init: str = "original", out_dir: str | Path | None = None,
-                data_dir: str | None = None, quiet: bool = False) -> dict:
-    from llt.pipeline import finish, open_run, prepare, task_line
+                data_dir: str | None = None, progress: str = "auto") -> dict:
+    from llt.pipeline import open_run
 
     if init not in INITS:
         raise LLTError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
@@ -66,12 +66,20 @@ def run_retrain(src_dir: str | Path, init: str = "original", out_dir: str | Path
     cfg, _ = open_run(str(src_dir), data_dir)
     out = Path(out_dir) if out_dir else src.path.parent
     rd = RunDir.create(out, f"{src.path.name}-retrain-{init}")
+    with rd.lock():
+        return _retrain(src, summary, cfg, rd, out, init, progress)
+
+
+def _retrain(src: RunDir, summary: dict, cfg, rd: RunDir, out: Path, init: str, progress: str) -> dict:
+    from llt.pipeline import finish, prepare, task_line
+
+    src_dir = src.path
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out)))
     ctx = prepare(cfg, None, rd=rd, need_pool=False)
     n = ctx.stream.num_tasks
     if summary["num_tasks"] != n:
         raise LLTError(f"{src_dir}: the run has {summary['num_tasks']} tasks, its config now gives {n}")
-    eng = Engine(ctx, n * cfg.train.epochs, quiet)
+    eng = Engine(ctx, n * cfg.train.epochs, progress)
     masks = [Mask.load(src.file(f"masks/task{t}.pt"), eng.model) for t in range(1, n + 1)]
     check_nested(masks)
     theta0, _ = load_checkpoint(src.file("checkpoints/init.pt"))

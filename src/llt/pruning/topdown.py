@@ -93,14 +93,14 @@ def _check_zero(eng: Engine, mask: Mask, where: str) -> None:
     assert not bad, f"pruned weights became non-zero in {where}: {bad}"  # an internal invariant
 
 
-def run_topdown(ctx: Context, quiet: bool = False) -> dict:
+def run_topdown(ctx: Context, progress: str = "auto") -> dict:
     from llt.pipeline import finish, task_line
 
     cfg, rd, stream = ctx.cfg, ctx.rd, ctx.stream
     p, n = cfg.prune, stream.num_tasks
     fractions = schedule_fractions(p, n)
     per_task_epochs = [2 * cfg.train.epochs + p.finetune_epochs * max(len(f) - 1, 0) for f in fractions]
-    eng = Engine(ctx, sum(per_task_epochs), quiet)
+    eng = Engine(ctx, sum(per_task_epochs), progress)
     full, finetune = eng.schedule(), eng.schedule(p.finetune_epochs, p.finetune_lr, ())
 
     init = eng.initial_state()
