@@ -59,3 +59,28 @@ def test_jsonl_progress_is_one_json_object_per_epoch(tmp_path, capsys):
     assert [(e["stage"], e["epoch"]) for e in events] == [("task 1/2", 1), ("task 1/2", 2), ("task 2/2", 1), ("task 2/2", 2)]
     assert all({"loss", "val", "lr", "seconds", "run_seconds_left"} <= set(e) for e in events)
     assert events[-1]["run_seconds_left"] == 0
+
+
+def test_a_full_disk_stops_cleanly_and_the_run_continues_later(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import llt.runs
+
+    real = llt.runs.atomic_write_bytes
+
+    def full_at_task2(path, data):
+        if "task2" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(llt.runs, "atomic_write_bytes", full_at_task2)
+    args = ["run", "--preset", "demo", "--set", "run.method=cil", "--set", "data.num_tasks=2", "--set", "train.epochs=1",
+            "--set", "model.width=4", "--set", "data.exemplars_per_class=3", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llt: error: no space left on the device while writing") and "Traceback" not in err
+    [rd] = list(tmp_path.iterdir())
+    assert (rd / "stages/task1.done").is_file() and not (rd / "stages/task2.done").exists()
+    assert not any(p.name.endswith(".tmp") for p in rd.rglob("*")) and not (rd / "lock").exists()
+    monkeypatch.setattr(llt.runs, "atomic_write_bytes", real)
+    assert main(args) == 0 and (rd / "summary.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -193,4 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llt: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {e.filename}" if e.filename else ""
+            print(f"llt: error: no space left on the device{where}; the files of finished stages are intact "
+                  f"(every file is written atomically): free some space and run the same command again", file=sys.stderr)
+            return 2
+        raise
     return 0
