@@ -1,4 +1,5 @@
-"""The run-level building blocks every method drives: train a task, evaluate, lottery teaching.
+"""The run-level building blocks every method drives: open a run, train a task, evaluate, lottery teaching,
+finish with a summary.
 
 A method (dense CIL, Top-Down, Bottom-Up) is a stage machine over these; it decides which model, mask,
 schedule and teacher each training uses, and writes records and stage markers. The Engine holds the one
@@ -8,6 +9,7 @@ context (data on the device, stream, pool, run directory).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -15,14 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from llt.config import RunConfig
+from llt.config import RunConfig, from_tree
 from llt.data.augment import Normalizer, make_generator
 from llt.data.dataset import ImageDataset
-from llt.data.stream import Stream, derive_seed, herding_exemplars
+from llt.data.sources import load_dataset, load_pool
+from llt.data.stream import Stream, build_stream, derive_seed, herding_exemplars
 from llt.errors import LLTError
 from llt.evaluation import evaluate_seen_tasks, task_accuracies
 from llt.models import build_model
-from llt.runs import RunDir, load_checkpoint, save_checkpoint
+from llt.runs import FORMAT_VERSION, RunDir, build_summary, load_checkpoint, run_name, save_checkpoint
 from llt.teaching import TeachingSet, build_teaching_set, extract_features
 from llt.trainer import Schedule, TaskData, TaskResult, Trainer
 
@@ -264,3 +267,128 @@ def load_teaching(path, device) -> TeachingSet:
     state, _ = load_checkpoint(path)
     ts = TeachingSet.from_state(state)
     return TeachingSet(*(x.to(device) for x in (ts.images, ts.logits_main, ts.logits_aux, ts.pool_idx)))
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LLTError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LLTError(f"run.device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def format_matrix(R: list[list[float]], sa: list[float], forgetting: list, remaining: list[float]) -> str:
+    n = len(R)
+    head = "after  " + " ".join(f"{'T' + str(i + 1):>6}" for i in range(n)) + f" {'SA':>7} {'forget':>7} {'weights%':>9}"
+    lines = [head, "-" * len(head)]
+    for t, row in enumerate(R):
+        cells = " ".join(f"{v:6.2f}" for v in row) + " " * (7 * (n - t - 1))
+        f = "" if forgetting[t] is None else f"{forgetting[t]:.2f}"
+        lines.append(f"T1~{t + 1:<3} {cells} {sa[t]:7.2f} {f:>7} {remaining[t]:9.2f}")
+    return "\n".join(lines)
+
+
+def check_format(rd: RunDir) -> None:
+    """Refuse run directories written by another format version (instead of mixing their files)."""
+    try:
+        version = json.loads(rd.file("manifest.json").read_text()).get("format_version")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise LLTError(f"{rd.file('manifest.json')}: not a readable manifest ({e})") from None
+    if version != FORMAT_VERSION:
+        raise LLTError(f"{rd.path} was written by run-directory format {version}; this llt writes format "
+                       f"{FORMAT_VERSION}. Start a new run (another --out or run.name) instead of mixing them")
+
+
+def check_same_stream(rd: RunDir, got: dict) -> None:
+    """Refuse to continue or evaluate a run whose data no longer give the stream it was made with."""
+    try:
+        expected = json.loads(rd.file("manifest.json").read_text()).get("stream", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise LLTError(f"{rd.file('manifest.json')}: not a readable manifest ({e})") from None
+    changed = [k for k in ("class_order", "sha256_train_idx", "sha256_val_idx", "sha256_test_idx", "sha256_exemplars")
+               if expected.get(k) != got.get(k)]
+    if changed:
+        raise LLTError(f"{rd.path}: the data no longer give this run's task stream ({', '.join(changed)} differ); "
+                       f"point --data-dir at the data the run was made with, or start a new run")
+
+
+def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_pool: bool = True) -> Context:
+    """Load data, pool and stream; create (or reopen) the run directory and write its manifest once."""
+    device = resolve_device(cfg.run.device)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    ds = load_dataset(cfg.data)
+    pool, pool_info = None, {"pool": cfg.data.pool, "used": False}
+    if need_pool and (cfg.run.method == "stream" or cfg.teaching.enabled):
+        pool, pool_info = load_pool(cfg.data, ds)
+        if pool is None and cfg.run.method != "stream":
+            raise LLTError("data.pool=none but lottery teaching is on: choose a pool or set teaching.enabled=false")
+    d = cfg.data
+    stream = build_stream(ds.name, ds.train_labels, ds.test_labels, ds.num_classes,
+                          classes_per_task=d.classes_per_task, num_tasks=d.num_tasks, class_order=d.class_order,
+                          val_fraction=d.val_fraction, exemplars_per_class=d.exemplars_per_class,
+                          exemplar_selection=d.exemplar_selection, seed=cfg.run.seed)
+    if rd is None:
+        rd = RunDir.create(cfg.run.out_dir, run_name(cfg, preset))
+    if rd.file("manifest.json").is_file():
+        check_format(rd)
+        check_same_stream(rd, stream.manifest())
+    else:
+        rd.write_manifest(cfg, preset, device=str(device),
+                          seeds={"run": cfg.run.seed, "split": derive_seed(cfg.run.seed, "split"),
+                                 "init": derive_seed(cfg.run.seed, "init"),
+                                 "rule": "every random choice draws from derive_seed(run seed, purpose), purposes: "
+                                         "split, exemplars/<label>, init, augment/<stage>, teaching/<task>"},
+                          dataset={"name": ds.name, **ds.info()}, pool=pool_info, stream=stream.manifest())
+        save_checkpoint(rd.file("stream.pt"), stream.state_dict(), stream.manifest())
+    channels_last = device.type == "cuda"
+    autocast = _precision(cfg, device)
+    return Context(cfg=cfg, rd=rd, ds=ds, stream=stream, pool=pool, device=device,
+                   normalizer=Normalizer(ds.mean, ds.std, device, channels_last=channels_last),
+                   autocast_dtype=autocast, train_images=ds.train_images.to(device),
+                   train_labels=stream.train_labels.to(device), test_images=ds.test_images.to(device))
+
+
+def finish(ctx: Context, R: list, remaining: list, method: str | None = None, **extra) -> dict:
+    """Write summary.json and print the accuracy matrix with SA, forgetting and remaining weights."""
+    cfg, rd = ctx.cfg, ctx.rd
+    summary = build_summary(method or cfg.run.method, ctx.ds.name, cfg.run.seed, R, remaining,
+                            dataset_status=ctx.ds.provenance.get("status"), **extra)
+    rd.write_json("summary.json", summary)
+    print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
+    print(f"final SA {summary['final_sa']:.2f} | forgetting {summary['final_forgetting'] or 0:.2f} | "
+          f"remaining weights {summary['remaining_weights'][-1]:.2f} % | summary: {rd.file('summary.json')}")
+    return summary
+
+
+def task_line(t: int, n: int, row: list[float], extra: str = "") -> str:
+    return (f"task {t + 1}/{n}: test accuracy per task " + " ".join(f"{v:.2f}" for v in row)
+            + f" | SA {sum(row) / len(row):.2f}" + (f" | {extra}" if extra else ""))
+
+
+def open_run(run_dir: str, data_dir: str | None = None) -> tuple[RunConfig, RunDir]:
+    """The config of an existing run directory (optionally with another data folder)."""
+    rd = RunDir(run_dir)
+    path = rd.file("manifest.json")
+    if not path.is_file():
+        raise LLTError(f"{run_dir} is not an llt run directory (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+        cfg = from_tree(manifest["config"], origin=str(path))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LLTError(f"{path}: not a valid llt manifest ({e})") from None
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+    return cfg, rd

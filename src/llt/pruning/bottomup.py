@@ -36,7 +36,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from llt.engine import Context, Engine, history_record
+from llt.engine import Context, Engine, finish, history_record, task_line
+from llt.metrics import standard_accuracy
 from llt.pruning.magnitude import global_magnitude_prune
 from llt.pruning.mask import Mask
 from llt.runs import load_checkpoint, save_checkpoint
@@ -168,8 +169,6 @@ class BottomUp:
 
     # ------------------------------------------------------------------------------------------ the search
     def run(self) -> dict:
-        from llt.pipeline import finish, task_line
-
         eng, rd, n, p = self.eng, self.rd, self.n, self.p
         init = eng.initial_state()
         mask: Mask | None = None
@@ -242,8 +241,6 @@ class BottomUp:
             decisions.append(decision)
             print(task_line(t, n, row, f"dense SA {_sa(ref['row']):.2f} | remaining weights "
                                        f"{100 * mask.density():.2f} % | {decision}"))
-        from llt.metrics import standard_accuracy
-
         regrows = [T for T, d in enumerate(decisions, 1) if d.startswith("grow")]
         return finish(self.ctx, R, remaining, decisions=decisions, first_task_hit_cap=1 in capped_tasks,
                       regrows=len(regrows), regrows_hit_cap=len([T for T in regrows if T in capped_tasks]),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llt.engine import Engine, history_record, load_teaching
+from llt.engine import Engine, finish, history_record, load_teaching, open_run, prepare, task_line
 from llt.errors import LLTError
 from llt.pruning.mask import Mask
 from llt.runs import RunDir, check_summary, load_checkpoint, save_checkpoint
@@ -57,8 +57,6 @@ def check_nested(masks: list[Mask]) -> None:
 
 def run_retrain(src_dir: str | Path, init: str = "original", out_dir: str | Path | None = None,
                 data_dir: str | None = None, progress: str = "auto") -> dict:
-    from llt.pipeline import open_run
-
     if init not in INITS:
         raise LLTError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     src = RunDir(src_dir)
@@ -71,8 +69,6 @@ def run_retrain(src_dir: str | Path, init: str = "original", out_dir: str | Path
 
 
 def _retrain(src: RunDir, summary: dict, cfg, rd: RunDir, out: Path, init: str, progress: str) -> dict:
-    from llt.pipeline import finish, prepare, task_line
-
     src_dir = src.path
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out)))
     ctx = prepare(cfg, None, rd=rd, need_pool=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 
 from llt.config import PruneSection
-from llt.engine import Context, Engine, history_record
+from llt.engine import Context, Engine, finish, history_record, task_line
 from llt.errors import LLTError
 from llt.pruning.magnitude import global_magnitude_prune
 from llt.pruning.mask import Mask
@@ -94,8 +94,6 @@ def _check_zero(eng: Engine, mask: Mask, where: str) -> None:
 
 
 def run_topdown(ctx: Context, progress: str = "auto") -> dict:
-    from llt.pipeline import finish, task_line
-
     cfg, rd, stream = ctx.cfg, ctx.rd, ctx.stream
     p, n = cfg.prune, stream.num_tasks
     fractions = schedule_fractions(p, n)
