@@ -168,6 +168,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def plot_sa(groups: list[Group], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.6), dpi=120)
@@ -181,11 +188,7 @@ def plot_sa(groups: list[Group], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.set_title("Standard accuracy as tasks are added")
-    fig.tight_layout()
-    path = out / "sa.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "sa.png")
 
 
 def plot_remaining(groups: list[Group], out: Path) -> Path:
@@ -203,11 +206,7 @@ def plot_remaining(groups: list[Group], out: Path) -> Path:
     ax.set_ylim(0, 118)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.set_title("Remaining weights per task")
-    fig.tight_layout()
-    path = out / "remaining_weights.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "remaining_weights.png")
 
 
 def plot_matrix(run: Run, out: Path) -> Path:
@@ -227,11 +226,7 @@ def plot_matrix(run: Run, out: Path) -> Path:
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     ax.set_title(f"{METHOD_NAMES.get(run.summary['method'], run.summary['method'])}, seed {run.summary['seed']}",
                  fontsize=9)
-    fig.tight_layout()
-    path = out / f"accuracy_matrix-{run.name}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"accuracy_matrix-{run.name}.png")
 
 
 def plot_layer_density(run: Run, out: Path) -> Path | None:
@@ -248,11 +243,7 @@ def plot_layer_density(run: Run, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"Per-layer density of the tickets: {run.name}", fontsize=9)
-    fig.tight_layout()
-    path = out / f"layer_density-{run.name}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"layer_density-{run.name}.png")
 
 
 def mask_iou(run: Run) -> list[list[float]] | None:
@@ -287,11 +278,7 @@ def plot_overlap(run: Run, out: Path) -> Path | None:
     ax.set_yticks(range(n), ticks)
     fig.colorbar(im, ax=ax, label="intersection over union")
     ax.set_title(f"Mask overlap: {run.name}", fontsize=9)
-    fig.tight_layout()
-    path = out / f"mask_overlap-{run.name}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"mask_overlap-{run.name}.png")
 
 
 def report(run_dirs: list[str], out_dir: str) -> list[Path]:
