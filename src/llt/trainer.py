@@ -106,6 +106,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         # Forward + loss (and, through AOTAutograd, the backward) compiled; the optimizer step stays eager.
         # Compiled and eager agree to float rounding, BatchNorm running statistics included.
+        self._masked_params, self._mask_values = [], []
         self._first_loss = torch.compile(self.first_task_loss) if compile else self.first_task_loss
         self._distill_loss = torch.compile(self.distill_loss) if compile else self.distill_loss
 
@@ -140,19 +141,22 @@ class Trainer:
         return loss
 
     # ------------------------------------------------------------------------------------------- steps
-    def _apply_mask_to_grads(self) -> None:
-        if self.mask:
-            params = dict(self.model.named_parameters())
-            for name, keep in self.mask.items():
-                if params[name].grad is not None:
-                    params[name].grad.mul_(keep)
+    def _bind_mask(self) -> None:
+        """Resolve the mask to (parameter, keep) pairs once per task (not on every step)."""
+        params = dict(self.model.named_parameters())
+        pairs = [(params[name], keep.to(params[name].dtype)) for name, keep in (self.mask or {}).items()]
+        self._masked_params = [p for p, _ in pairs]
+        self._mask_values = [k for _, k in pairs]
 
+    def _apply_mask_to_grads(self) -> None:
+        pairs = [(p.grad, m) for p, m in zip(self._masked_params, self._mask_values) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @torch.no_grad()
     def _apply_mask_to_weights(self) -> None:
-        if self.mask:
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, keep in self.mask.items():
-                    params[name].mul_(keep)
+        if self._masked_params:
+            torch._foreach_mul_(self._masked_params, self._mask_values)
 
     def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -184,14 +188,14 @@ class Trainer:
             r_idx = union[perm[i:i + b]]
             n_idx = cyclers["new"].next()
             o_idx = cyclers["old"].next() if "old" in cyclers else n_idx[:0]
-            parts = [crop_flip(data.images[r_idx], self.gen), crop_flip(data.images[n_idx], self.gen),
-                     crop_flip(data.images[o_idx], self.gen)]
+            # one gather and one crop/flip for the three labelled sub-batches (the randomness is per image)
+            parts = [crop_flip(data.images[torch.cat([r_idx, n_idx, o_idx])], self.gen)]
             t_main = t_aux = None
             if teach is not None:
                 u_idx = cyclers["unl"].next()
                 parts.append(teach.images[u_idx])          # frozen augmentation: used as stored
                 t_main, t_aux = teach.logits_main[u_idx], teach.logits_aux[u_idx]
-            sizes = tuple(p.shape[0] for p in parts) + (0,) * (4 - len(parts))
+            sizes = (r_idx.numel(), n_idx.numel(), o_idx.numel(), parts[1].shape[0] if teach is not None else 0)
             x = self.norm(torch.cat(parts))
             loss = self._distill_loss(k, x, sizes, data.labels[r_idx], data.labels[n_idx], data.labels[o_idx],
                                      t_main, t_aux, coefs, s.temperature)
@@ -222,6 +226,7 @@ class Trainer:
         self.gen = generator
         model = self.model
         model.train()
+        self._bind_mask()
         self._apply_mask_to_weights()
         opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(s.milestones), gamma=s.gamma)
