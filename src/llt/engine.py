@@ -210,7 +210,7 @@ class Engine:
         rd.mark_done(stage, seconds=round(seconds, 3))
         print(f"lottery teaching after task {t}: {ts.pool_idx.numel()} unlabeled images queried for "
               f"{memory.numel()} exemplars in {seconds:.2f} s")
-        return TeachingSet(*(x.to(ctx.device) for x in (ts.images, ts.logits_main, ts.logits_aux, ts.pool_idx)))
+        return TeachingSet.from_state({k: v.to(ctx.device) for k, v in ts.state_dict().items()})
 
 
     # ------------------------------------------------------------------------------------------ training
@@ -265,8 +265,7 @@ class Engine:
 def load_teaching(path, device) -> TeachingSet:
     """A stored teaching set, moved to the device."""
     state, _ = load_checkpoint(path)
-    ts = TeachingSet.from_state(state)
-    return TeachingSet(*(x.to(device) for x in (ts.images, ts.logits_main, ts.logits_aux, ts.pool_idx)))
+    return TeachingSet.from_state({k: v.to(device) for k, v in state.items()})
 
 
 # ------------------------------------------------------------------------------------------ runs

@@ -20,6 +20,7 @@ zeroing masked gradients before each step and masked weights after it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -251,7 +252,7 @@ class Trainer:
                 total, steps = self._epoch_distill(k, opt, data, s, cyclers)
             sched.step()
             loss = float(total) / max(steps, 1)      # one host sync per epoch
-            if not torch.isfinite(torch.tensor(loss)):
+            if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {loss} in task {k + 1}, epoch {epoch}; stopping "
                                     f"(the checkpoints of finished tasks are kept)")
             val = self.validate(data, k + 1)

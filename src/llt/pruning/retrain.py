@@ -17,8 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from llt.engine import Engine, finish, history_record, load_teaching, open_run, prepare, task_line
 from llt.errors import LLTError
 from llt.pruning.mask import Mask
@@ -98,15 +96,14 @@ def _retrain(src: RunDir, summary: dict, cfg, rd: RunDir, out: Path, init: str, 
             start, _ = load_checkpoint(src.file(f"checkpoints/ref{t}.pt"))
         else:
             start = {k: v.cpu() for k, v in ctx.new_model(f"retrain-rand/task{T}").state_dict().items()}
-        eng.load(start, f"the {init} initialisation")
-        masks[t].apply_(eng.model)
+        eng.load(start, f"the {init} initialisation")      # the trainer applies the mask before training
         teaching = None
         if t > 0 and cfg.teaching.enabled:
             path = src.file(f"teaching/task{t}.pt")
             if not path.is_file():
                 raise LLTError(f"{path} is missing: the Bottom-Up run's teaching set for task {T} is needed")
             teaching = load_teaching(path, ctx.device)
-        eng.herded = {int(k): v for k, v in _herded(src, T).items()}
+        eng.restore_herded(load_checkpoint(src.file(f"checkpoints/task{T}.pt"))[1])   # herding only
         res = eng.fit(t, eng.schedule(), f"augment/trbu/task{T}", f"task {T}/{n} re-train", mask=masks[t].masks,
                       teaching=teaching)
         eng.model.load_state_dict(res.best_state)
@@ -124,8 +121,3 @@ def _retrain(src: RunDir, summary: dict, cfg, rd: RunDir, out: Path, init: str, 
         print(task_line(t, n, ev["row"], f"remaining weights {100 * masks[t].density():.2f} % | {seconds:.1f} s"))
     return finish(ctx, R, remaining, method="trbu", source_run=str(src.path), init=init)
 
-
-def _herded(src: RunDir, T: int) -> dict:
-    """Herded exemplars recorded by the Bottom-Up run up to task T (empty for random exemplars)."""
-    _, meta = load_checkpoint(src.file(f"checkpoints/task{T}.pt"))
-    return {k: torch.tensor(v) for k, v in meta.get("herded", {}).items()}
