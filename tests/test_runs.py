@@ -61,6 +61,18 @@ def test_records_survive_a_torn_last_line(tmp_path):
     with open(rd.file("records.jsonl"), "a") as f:
         f.write('{"event": "c", "x"')
     assert [r["event"] for r in rd.records()] == ["a", "b"]
+    # the run is resumed and records again: the torn line is closed, the new record is readable
+    rd.record("d", x=4)
+    assert [r["event"] for r in rd.records()] == ["a", "b", "d"]
+    assert rd.file("records.jsonl").read_text().count("\n") == 4
+
+
+def test_a_stage_marker_removes_the_epoch_checkpoints_of_its_training(tmp_path):
+    rd = RunDir.create(tmp_path, "r")
+    save_checkpoint(rd.file("checkpoints/epoch/task1.pt"), {"w": torch.zeros(1)})
+    save_checkpoint(rd.file("checkpoints/task0.pt"), {"w": torch.zeros(1)})
+    rd.mark_done("task1")
+    assert not rd.file("checkpoints/epoch").exists() and rd.file("checkpoints/task0.pt").is_file()
 
 
 def test_stage_markers(tmp_path):

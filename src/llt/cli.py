@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_progress_args(p)
 
+    p = sub.add_parser("resume", help="continue an interrupted run (finished stages are skipped, an unfinished "
+                                      "training continues from its last epoch checkpoint)")
+    p.add_argument("run_dir", help="a run directory written by `llt run` (or `llt retrain`)")
+    p.add_argument("--data-dir", help="the data folder, if it moved since the run")
+    _add_progress_args(p)
+
     p = sub.add_parser("eval", help="re-evaluate the stored model of task k of a run on tasks 1..k")
     p.add_argument("run_dir", help="a run directory written by `llt run`")
     p.add_argument("--task", type=int, required=True, help="task k (1-based)")
@@ -139,6 +145,12 @@ def cmd_run(args) -> int:
     return run(load_config(args.preset, _overrides(args)), args.preset, progress=args.progress)
 
 
+def cmd_resume(args) -> int:
+    from llt.pipeline import resume
+
+    return resume(args.run_dir, args.data_dir, progress=args.progress)
+
+
 def cmd_eval(args) -> int:
     from llt.pipeline import evaluate_run
 
@@ -179,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_info(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "resume":
+            return cmd_resume(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "retrain":

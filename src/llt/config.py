@@ -45,6 +45,9 @@ class RunSection:
     name: str = _f("", "readable run name (slug); empty: derived from preset, method, dataset and seed")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     deterministic: bool = _f(False, "ask torch for deterministic kernels (slower on GPU; bit-for-bit reruns)")
+    checkpoint_every: int = _f(1, "save the state of the training in progress every N epochs (in the background), so an "
+                               "interrupted training continues from there instead of from the start of its stage; "
+                               "0: never. Does not change results, so it is not part of the run's identity")
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,7 @@ def validate(cfg: RunConfig) -> None:
         if cfg.run.method == "td" and sched is not None and len(sched) != n_tasks:
             key = "prune.td_rounds" if p.td_rounds is not None else "prune.td_densities"
             raise LLTError(f"{key} has {len(sched)} entries but the stream has {n_tasks} tasks (one entry per task)")
+    _need(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be 0 (never) or a number of epochs")
     _need(m.width >= 1, "model.width", "must be at least 1")
     _need(m.stem_stride in (0, 1, 2), "model.stem_stride", "must be 0 (auto), 1 or 2")
     _need(t.epochs >= 1, "train.epochs", "must be at least 1")

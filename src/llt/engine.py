@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llt.checkpointing import EpochCheckpoint, fingerprint_mask, fingerprint_tensor
 from llt.config import RunConfig, from_tree
 from llt.data.augment import Normalizer, make_generator
 from llt.data.dataset import ImageDataset
@@ -89,13 +90,16 @@ class Progress:
         """Epochs of a stage that finished earlier (they count as done for the estimate)."""
         self.total -= epochs
 
-    def start(self, desc: str, epochs: int):
+    def start(self, desc: str, epochs: int, done: int = 0):
+        """A training of `epochs` epochs begins; `done` of them were finished before (a resumed training)."""
         self.desc, self.epochs = desc, epochs
+        self.skip(done)
         if self.mode != "auto" or not self.tty:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=epochs, desc=desc, unit="ep", leave=False, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=epochs, initial=done, desc=desc, unit="ep", leave=False, file=sys.stderr,
+                        dynamic_ncols=True)
 
     def update(self, epoch: int, stats: dict):
         self.done += 1
@@ -231,12 +235,42 @@ class Engine:
             data.val_idx = torch.cat([x.test_idx for x in ctx.stream.tasks[: t + 1]]).to(ctx.device)
         self.trainer.mask = None if mask is None else {n: m.to(ctx.device) for n, m in mask.items()}
         gen = make_generator(derive_seed(self.cfg.run.seed, seed_tag), ctx.device)
-        self.progress.start(desc, schedule.epochs)
+        ckpt = self.epoch_checkpoint(t, schedule, seed_tag, mask, teaching, data, select_on)
+        resume = self._resume(ckpt, desc, schedule)
+        self.progress.start(desc, schedule.epochs, done=0 if resume is None else resume["meta"]["epoch"])
         try:
-            return self.trainer.fit_task(t, data, schedule, gen, on_epoch=self.progress.update)
+            return self.trainer.fit_task(t, data, schedule, gen, on_epoch=self.progress.update, checkpoint=ckpt,
+                                         resume=resume)
         finally:
             self.progress.close()
             self.trainer.mask = None
+            if ckpt is not None:
+                ckpt.close()
+
+    def epoch_checkpoint(self, t: int, schedule: Schedule, seed_tag: str, mask: dict | None,
+                         teaching: TeachingSet | None, data: TaskData, select_on: str) -> EpochCheckpoint | None:
+        """The epoch checkpoint of one training; its key is the training's seed tag, unique within a run."""
+        every = self.cfg.run.checkpoint_every
+        if every == 0:
+            return None
+        key = seed_tag.removeprefix("augment/").replace("/", "-")
+        identity = {"task": t, "key": key, "schedule": dataclasses.asdict(schedule), "select_on": select_on,
+                    "mask": fingerprint_mask(mask), "memory": fingerprint_tensor(data.memory_idx),
+                    "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
+        return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
+
+    def _resume(self, ckpt: EpochCheckpoint | None, desc: str, schedule: Schedule) -> dict | None:
+        if ckpt is None:
+            return None
+        t0 = time.perf_counter()
+        state = ckpt.load()
+        if state is None:
+            return None
+        epoch = state["meta"]["epoch"]
+        seconds = time.perf_counter() - t0
+        self.rd.record("resume", key=ckpt.key, epoch=epoch, epochs=schedule.epochs, load_seconds=round(seconds, 4))
+        print(f"{desc}: continuing after epoch {epoch} of {schedule.epochs} (epoch checkpoint read in {seconds:.2f} s)")
+        return state
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, t: int) -> dict:

@@ -16,12 +16,13 @@ carried on across separate invocations.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
 from llt.config import RunConfig
-from llt.engine import (Context, Engine, finish, history_record, load_model_state, open_run, prepare, resolve_device,
-                        task_line)
+from llt.engine import (Context, Engine, check_format, finish, history_record, load_model_state, open_run, prepare,
+                        resolve_device, task_line)
 from llt.errors import LLTError
 from llt.evaluation import evaluate_seen_tasks
 from llt.models import remaining_weights
@@ -98,12 +99,15 @@ def run_dense(ctx: Context, progress: str = "auto") -> dict:
 
 # ------------------------------------------------------------------------------------------ entry points
 
-def run(cfg: RunConfig, preset: str | None = None, progress: str = "auto") -> int:
+def run(cfg: RunConfig, preset: str | None = None, progress: str = "auto", rd: RunDir | None = None) -> int:
+    """Run (or continue) `cfg` into its run directory, OUT_DIR/<name>-<hash>, or into `rd` (llt resume)."""
     resolve_device(cfg.run.device)
     t0 = time.perf_counter()
-    name = run_name(cfg, preset)
-    fresh = not (ensure_writable(cfg.run.out_dir) / name).exists()
-    rd = RunDir.create(cfg.run.out_dir, name)
+    fresh = False
+    if rd is None:
+        name = run_name(cfg, preset)
+        fresh = not (ensure_writable(cfg.run.out_dir) / name).exists()
+        rd = RunDir.create(cfg.run.out_dir, name)
     try:
         with rd.lock():
             ctx = prepare(cfg, preset, rd=rd)
@@ -113,6 +117,27 @@ def run(cfg: RunConfig, preset: str | None = None, progress: str = "auto") -> in
             shutil.rmtree(rd.path, ignore_errors=True)
         raise
     return 0
+
+
+def resume(run_dir: str, data_dir: str | None = None, progress: str = "auto") -> int:
+    """`llt resume RUN_DIR`: continue a run with the config it was started with (finished stages are
+    skipped, an unfinished training continues from its last epoch checkpoint). A TR-BU directory
+    (`<bu run>-retrain-<init>`) continues its re-training."""
+    cfg, rd = open_run(run_dir, data_dir)
+    check_format(rd)
+    retrain = rd.file("retrain.json")
+    if retrain.is_file():
+        try:
+            info = json.loads(retrain.read_text())
+            source, init = info["source_run"], info["init"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LLTError(f"{retrain}: not a valid re-training record ({e})") from None
+        run_retrain(source, init, out_dir=rd.path.parent, data_dir=data_dir, progress=progress)
+        return 0
+    if rd.file("summary.json").is_file():
+        print(f"{rd.path} is finished; checking every stage and printing its results again")
+    manifest = json.loads(rd.file("manifest.json").read_text())
+    return run(cfg, manifest.get("preset"), progress, rd=rd)
 
 
 def _run_method(ctx: Context, t0: float, progress: str) -> None:

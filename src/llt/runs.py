@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,11 +41,16 @@ FORMAT_VERSION = 1
 SUMMARY_KEYS = ("method", "dataset", "num_tasks", "seed", "accuracy_matrix", "sa", "remaining_weights", "forgetting")
 
 
+# Config fields that say how a run is carried out, not what it computes: left out of the run's identity.
+OPERATIONAL_FIELDS = ("out_dir", "checkpoint_every")
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """Hash of every config value except run.out_dir (the folder that holds the run, not part of what it
-    computes): a run directory moved or copied to another output folder keeps its identity."""
+    """Hash of every config value except the operational ones (run.out_dir, the folder that holds the run,
+    and run.checkpoint_every): a run directory moved to another output folder keeps its identity, and a
+    run can be continued with another checkpoint interval."""
     tree = to_tree(cfg)
-    tree["run"] = {k: v for k, v in tree["run"].items() if k != "out_dir"}
+    tree["run"] = {k: v for k, v in tree["run"].items() if k not in OPERATIONAL_FIELDS}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -177,24 +183,22 @@ class RunDir:
         atomic_write_bytes(self.file(name), text.encode())
 
     def record(self, event: str, **fields) -> None:
-        """Append one JSON line to records.jsonl (a single write of one line)."""
+        """Append one JSON line to records.jsonl (a single write of one line). A line torn by a crash is
+        closed first, so the records written after it stay readable."""
         line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}, allow_nan=False) + "\n"
-        with open(self.file("records.jsonl"), "a") as f:
-            f.write(line)
+        path = self.file("records.jsonl")
+        with open(path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())
 
     def records(self) -> list[dict]:
-        path = self.file("records.jsonl")
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash: everything before it is valid
-        return out
+        """Every readable record; a line torn by a crash is skipped."""
+        return read_records(self.file("records.jsonl"))
 
     # lock
     def lock(self) -> "RunLock":
@@ -206,13 +210,31 @@ class RunDir:
         return self.file(f"stages/{stage}.done").is_file()
 
     def mark_done(self, stage: str, **info) -> None:
+        """Write the stage's marker; the epoch checkpoints of the training it contained are no longer needed
+        (a method finishes the stage of each training before it starts another)."""
         self.write_json(f"stages/{stage}.done", {"stage": stage, "time": round(time.time(), 3), **info})
+        shutil.rmtree(self.file("checkpoints/epoch"), ignore_errors=True)
 
     def write_manifest(self, cfg: RunConfig, preset: str | None, **sections) -> None:
         self.write_json("manifest.json", {"format_version": FORMAT_VERSION, "preset": preset,
                                           "config_hash": config_hash(cfg), "config": to_tree(cfg),
                                           "environment": environment(), **sections})
         self.write_text("config.yaml", dump_yaml(cfg))
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a records.jsonl file, skipping lines torn by a crash (and anything not an object)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
 
 
 class RunLock:

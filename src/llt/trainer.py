@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llt.checkpointing import EpochCheckpoint, load_scheduler_state, require_state, scheduler_state
 from llt.data.augment import Normalizer, crop_flip
 from llt.errors import LLTError
 from llt.evaluation import predict
@@ -217,11 +218,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- fit
     def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator,
-                 on_epoch: Callable[[int, dict], None] | None = None) -> TaskResult:
+                 on_epoch: Callable[[int, dict], None] | None = None, checkpoint: EpochCheckpoint | None = None,
+                 resume: dict | None = None) -> TaskResult:
         """Train task k (0-based) for s.epochs; keep the state with the best validation accuracy.
 
         `generator` drives every random choice (batch order, augmentation); giving each task its own
         seeded generator makes a run resumed at a task boundary identical to an uninterrupted one.
+        `checkpoint` receives the whole training state after every due epoch; `resume` (a state it wrote)
+        continues the training after that epoch, bit for bit as if it had not stopped.
         Raises NonFiniteLoss (naming task and epoch) as soon as an epoch's loss is NaN or infinite.
         """
         self.gen = generator
@@ -243,7 +247,10 @@ class Trainer:
             else:
                 data = dataclasses.replace(data, teaching=None)
         best_val, best_epoch, best_state, history = -1.0, 0, None, []
-        for epoch in range(1, s.epochs + 1):
+        first = 1
+        if resume is not None:
+            first, best_val, best_epoch, best_state, history = self._restore(resume, opt, sched, cyclers)
+        for epoch in range(first, s.epochs + 1):
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
             if k == 0:
@@ -261,7 +268,39 @@ class Trainer:
             stats = {"epoch": epoch, "loss": loss, "val": val, "lr": lr, "seconds": time.perf_counter() - t0,
                      "best_val": best_val, "best_epoch": best_epoch}
             history.append(stats)
+            if checkpoint is not None and checkpoint.due(epoch, s.epochs):
+                t1 = time.perf_counter()
+                checkpoint.save(epoch, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler_state(sched),
+                    "generator": self.gen.get_state(), "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0),
+                    "cyclers": {name: {"order": c.order, "pos": c.pos} for name, c in cyclers.items()},
+                    "progress": {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch,
+                                 "history": [dict(h) for h in history]},
+                }, frozen={"best_state": best_state})   # best_state is never changed in place: no copy
+                stats["checkpoint_seconds"] = time.perf_counter() - t1
             if on_epoch:
                 on_epoch(epoch, stats)
         return TaskResult(best_state=best_state, best_epoch=best_epoch, best_val=best_val,
                           last_state=clone_state(model), history=history)
+
+    def _restore(self, st: dict, opt, sched, cyclers: dict) -> tuple:
+        """Load a training state written by fit_task; returns (first epoch to run, best_val, best_epoch,
+        best_state, history)."""
+        require_state(st, ("model", "optimizer", "scheduler", "generator", "rng_cpu", "cyclers", "progress",
+                           "best_state"), "epoch checkpoint")
+        if set(st["cyclers"]) != set(cyclers):
+            raise LLTError(f"epoch checkpoint: sub-batch streams {sorted(st['cyclers'])} do not match this "
+                           f"training's {sorted(cyclers)}")
+        self.model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        load_scheduler_state(sched, st["scheduler"])
+        self.gen.set_state(st["generator"])
+        torch.set_rng_state(st["rng_cpu"])
+        if self.device.type == "cuda" and st["rng_cuda"].numel():
+            torch.cuda.set_rng_state(st["rng_cuda"])
+        for name, c in cyclers.items():
+            c.order, c.pos = st["cyclers"][name]["order"].to(self.device), int(st["cyclers"][name]["pos"])
+        p = st["progress"]
+        best_state = {k: v.to(self.device) for k, v in st["best_state"].items()} or None
+        return int(p["epoch"]) + 1, float(p["best_val"]), int(p["best_epoch"]), best_state, list(p["history"])

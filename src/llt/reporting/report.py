@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llt.errors import LLTError
-from llt.runs import check_summary
+from llt.runs import OPERATIONAL_FIELDS, check_summary, read_records
 
 METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU"}
 
@@ -61,23 +61,17 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         raise LLTError(f"{path / 'manifest.json'}: not an llt manifest (no config)")
     layer = {}
-    records = path / "records.jsonl"
-    if records.is_file():
-        for line in records.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if r.get("event") in ("ticket", "level") and "per_layer_density" in r and \
-                    (r["event"] == "ticket" or r.get("kind") == "ticket"):
-                layer[r["task"]] = r["per_layer_density"]
+    for r in read_records(path / "records.jsonl"):   # a stage repeated after a crash: its last record wins
+        if r.get("event") in ("ticket", "level") and "per_layer_density" in r and \
+                (r["event"] == "ticket" or r.get("kind") == "ticket"):
+            layer[r["task"]] = r["per_layer_density"]
     return Run(path, summary, manifest["config"], [layer[t] for t in sorted(layer)])
 
 
 def group_key(run: Run) -> str:
     """Runs that differ only by seed (and name/output folder) share a key."""
     cfg = json.loads(json.dumps(run.config))
-    for k in ("seed", "name", "out_dir"):
+    for k in ("seed", "name", *OPERATIONAL_FIELDS):
         cfg.get("run", {}).pop(k, None)
     blob = json.dumps({"method": run.summary["method"], "cfg": cfg}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
