@@ -69,7 +69,7 @@ def main() -> int:
 
         def write(path, data):
             path = Path(path)
-            if path.parent.name == "epoch" and path.is_file():
+            if path.parent.name == "epoch" and path.suffix == ".pt" and path.is_file():
                 fd, _ = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
                 os.write(fd, data[: len(data) // 2])
                 os.fsync(fd)

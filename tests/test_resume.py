@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llt.reporting.listing import list_runs
 from llt.runs import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,8 @@ def test_bottom_up_killed_at_four_points_resumes_to_the_uninterrupted_result(ref
     rd = the_run(out)
     assert epoch_of(rd / "checkpoints/epoch/bu-ref1.pt") == 2
     assert not (rd / "stages/ref1.done").exists() and (rd / "lock").is_file()     # the lock is left behind
+    [row] = list_runs(out)
+    assert row["state"] == "interrupted in bu-ref1 epoch 2/3" and row["final_sa"] is None
 
     # 2. `llt resume`: the training continues after epoch 2; killed inside pruning level 1 of task 1,
     #    right after the pruning (nothing of the level written yet)
@@ -137,3 +141,82 @@ def test_top_down_and_dense_runs_killed_inside_an_epoch_resume_to_the_same_resul
     assert p.returncode == 0, p.stderr
     assert "continuing after epoch" in p.stdout
     assert_same_result(the_run(out), the_run(ref))
+
+
+# ------------------------------------------------------------------------------------------ llt resume: bad inputs
+
+DENSE = ["--preset", "demo", "--set", "run.method=cil", "--set", "data.num_tasks=2", "--set", "train.epochs=1",
+         "--set", "model.width=4", "--set", "data.exemplars_per_class=3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def dense_original(tmp_path_factory):
+    from llt.cli import main
+
+    out = tmp_path_factory.mktemp("dense")
+    assert main(["run", *DENSE, "--out", str(out)]) == 0
+    return the_run(out)
+
+
+@pytest.fixture()
+def dense_run(dense_original, tmp_path):
+    """A private copy of a finished dense run (tests damage it)."""
+    return Path(shutil.copytree(dense_original, tmp_path / "runs" / dense_original.name))
+
+
+def snapshot(rd: Path) -> dict:
+    return {str(p.relative_to(rd)): p.read_bytes() for p in rd.rglob("*") if p.is_file()}
+
+
+def test_resume_of_a_finished_run_checks_every_stage_and_changes_nothing(dense_run, capsys):
+    from llt.cli import main
+
+    before = snapshot(dense_run)
+    assert main(["resume", str(dense_run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "is finished; checking every stage" in out and out.count("finished before (stage marker present)") == 2
+    after = snapshot(dense_run)
+    assert {k: v for k, v in after.items() if k != "summary.json"} == \
+        {k: v for k, v in before.items() if k != "summary.json"}
+    assert json.loads(after["summary.json"]) == json.loads(before["summary.json"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-run", "is not an llt run directory (no manifest.json)"),
+    ("manifest-json", "manifest.json: not a valid llt manifest"),
+    ("manifest-schema", "manifest.json: not a valid llt manifest"),
+    ("format", "was written by run-directory format 0; this llt writes format 1"),
+    ("truncated", "checkpoints/task1.pt: not a valid llt checkpoint"),
+    ("code", "checkpoints/task1.pt: not a valid llt checkpoint (UnpicklingError"),
+    ("retrain-json", "retrain.json: not a valid re-training record"),
+])
+def test_resume_refuses_files_that_are_not_what_they_claim(dense_run, tmp_path, capsys, damage, message):
+    from conftest import Evil
+
+    from llt.cli import main
+
+    target, sentinel = dense_run, tmp_path / "code-ran"
+    (dense_run / "summary.json").unlink()          # an unfinished run: resume must read its checkpoints
+    manifest = json.loads((dense_run / "manifest.json").read_text())
+    if damage == "no-run":
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+    elif damage == "manifest-json":
+        (dense_run / "manifest.json").write_text('{"format_version": 1, "config": ')
+    elif damage == "manifest-schema":
+        (dense_run / "manifest.json").write_text(json.dumps({"format_version": 1, "config": {"run": {"epochs": 3}}}))
+    elif damage == "format":
+        (dense_run / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    elif damage == "truncated":
+        data = (dense_run / "checkpoints/task1.pt").read_bytes()
+        (dense_run / "checkpoints/task1.pt").write_bytes(data[: len(data) // 3])
+    elif damage == "code":
+        torch.save({"state": Evil(sentinel), "meta": "{}"}, dense_run / "checkpoints/task1.pt")
+    else:
+        (dense_run / "retrain.json").write_text('["not", "a", "record"]')
+    before = snapshot(dense_run)
+    assert main(["resume", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llt: error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not sentinel.exists()
+    assert snapshot(dense_run) == before           # nothing lost, nothing half-written, no lock left

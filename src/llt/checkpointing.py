@@ -20,7 +20,8 @@ Writing happens on a background thread, so the training pays only for the snapsh
 tensors on their own device). At most one snapshot waits while another is written; a newer snapshot
 replaces a waiting one (the file on disk always holds a whole, recent epoch). Every write is atomic
 (temporary file, fsync, rename), so a crash in the middle of a write leaves the previous checkpoint.
-A training's file lives in `checkpoints/epoch/<key>.pt` until the stage that contains it finishes
+A training's file lives in `checkpoints/epoch/<key>.pt` (with `<key>.json` beside it: key and epoch,
+for `llt list`) until the stage that contains it finishes
 (RunDir.mark_done removes the folder).
 """
 
@@ -64,9 +65,9 @@ def fingerprint_tensor(t: torch.Tensor | None) -> str:
 
 
 def _to_cpu(obj):
-    """Tensors of a nested dict/list moved to the CPU (a copy; the source may be reused by the caller)."""
+    """Tensors of a nested dict/list on the CPU (those of a snapshot: already private copies)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj if obj.device.type == "cpu" else obj.detach().to("cpu")
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -139,10 +140,13 @@ class EpochCheckpoint:
             return None
         try:
             meta = json.loads(obj["meta"])
-            ok = meta["kind"] == KIND and meta["identity"] == json.loads(json.dumps(self.identity))
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
+            if meta["kind"] != KIND:
+                raise ValueError(meta["kind"])
+        except (TypeError, KeyError, ValueError, IndexError):
+            print(f"[llt] note: ignoring {self.path}: not an llt epoch checkpoint; this training starts from the "
+                  f"beginning of its stage", file=sys.stderr)
+            return None
+        if meta.get("identity") != json.loads(json.dumps(self.identity)):
             print(f"[llt] note: the epoch checkpoint {self.path} belongs to another training (task, schedule, "
                   f"mask or teaching set differ); starting this training from the beginning", file=sys.stderr)
             return None
@@ -233,6 +237,9 @@ class EpochCheckpoint:
         torch.save({**_to_cpu(snap), "meta": json.dumps(meta)}, buf)
         data = buf.getvalue()
         runs.atomic_write_bytes(self.path, data)
+        # a small note beside it, so `llt list` can say where a run stopped without reading the checkpoint
+        runs.atomic_write_json(self.path.with_suffix(".json"), {"key": self.key, "epoch": epoch,
+                                                                "epochs": self.identity.get("epochs")})
         self.stats["writes"] += 1
         self.stats["bytes"] = len(data)
         self.stats["write_seconds"] += time.perf_counter() - t0

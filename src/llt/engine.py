@@ -254,7 +254,7 @@ class Engine:
         if every == 0:
             return None
         key = seed_tag.removeprefix("augment/").replace("/", "-")
-        identity = {"task": t, "key": key, "schedule": dataclasses.asdict(schedule), "select_on": select_on,
+        identity = {"task": t, "key": key, "epochs": schedule.epochs, "schedule": dataclasses.asdict(schedule), "select_on": select_on,
                     "mask": fingerprint_mask(mask), "memory": fingerprint_tensor(data.memory_idx),
                     "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
         return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
@@ -420,7 +420,7 @@ def open_run(run_dir: str, data_dir: str | None = None) -> tuple[RunConfig, RunD
     try:
         manifest = json.loads(path.read_text())
         cfg = from_tree(manifest["config"], origin=str(path))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, LLTError) as e:
         raise LLTError(f"{path}: not a valid llt manifest ({e})") from None
     if data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))

@@ -27,7 +27,22 @@ def run_state(path: Path) -> dict:
             return {**row, "state": "unreadable summary", "final_sa": None}
     markers = sorted((path / "stages").glob("*.done"), key=lambda p: p.stat().st_mtime) if (path / "stages").is_dir() else []
     state = f"interrupted after {markers[-1].stem}" if markers else "not started"
+    training = _training_in_progress(path)
+    if training:
+        state = f"interrupted in {training}"
     return {**row, "state": state, "final_sa": None}
+
+
+def _training_in_progress(path: Path) -> str | None:
+    """'<training> epoch e/E' from the note beside the newest epoch checkpoint, if there is one."""
+    notes = sorted((path / "checkpoints" / "epoch").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    for note in reversed(notes):
+        try:
+            info = json.loads(note.read_text())
+            return f"{info['key']} epoch {int(info['epoch'])}/{int(info['epochs'])}"
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return None
 
 
 def list_runs(folder: str | Path) -> list[dict]:

@@ -1,0 +1,149 @@
+"""EpochCheckpoint: background, atomic, latest-wins writes; loads that never trust a file blindly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+
+import pytest
+import torch
+
+from llt import runs
+from llt.checkpointing import EpochCheckpoint, fingerprint_mask, load_scheduler_state, scheduler_state
+from conftest import Evil
+
+IDENTITY = {"task": 1, "key": "bu-ref1", "epochs": 5, "mask": "dense"}
+
+
+def state(value: float) -> dict:
+    return {"model": {"w": torch.full((3, 3), value)}, "progress": {"epoch": int(value), "history": [{"val": value}]},
+            "cyclers": {"new": {"order": torch.arange(4), "pos": 2}}}
+
+
+def test_round_trip_through_the_background_writer(tmp_path):
+    ck = EpochCheckpoint(tmp_path / "epoch/bu-ref1.pt", "bu-ref1", IDENTITY)
+    src = state(2.0)
+    ck.save(2, src, frozen={"best_state": {"w": torch.ones(2)}})
+    src["model"]["w"].fill_(-1.0)               # the caller keeps training: the snapshot must not change
+    ck.close(flush=True)
+    got = EpochCheckpoint(tmp_path / "epoch/bu-ref1.pt", "bu-ref1", IDENTITY).load()
+    assert got["meta"]["epoch"] == 2 and got["meta"]["identity"] == IDENTITY
+    assert torch.equal(got["model"]["w"], torch.full((3, 3), 2.0)) and torch.equal(got["best_state"]["w"], torch.ones(2))
+    assert got["progress"] == {"epoch": 2, "history": [{"val": 2.0}]} and got["cyclers"]["new"]["pos"] == 2
+    assert json.loads((tmp_path / "epoch/bu-ref1.json").read_text()) == {"key": "bu-ref1", "epoch": 2, "epochs": 5}
+    assert ck.stats["writes"] == 1 and ck.stats["bytes"] > 0
+
+
+def test_a_newer_snapshot_replaces_a_waiting_one_and_close_without_flush_drops_it(tmp_path, monkeypatch):
+    release, entered, real = threading.Event(), threading.Event(), runs.atomic_write_bytes
+
+    def slow(path, data):
+        if path.suffix == ".pt":
+            entered.set()
+            release.wait(10)
+        real(path, data)
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", slow)
+    ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
+    ck.save(1, state(1.0))
+    assert entered.wait(10)                      # epoch 1 is being written
+    ck.save(2, state(2.0))                       # waits
+    ck.save(3, state(3.0))                       # replaces epoch 2
+    release.set()
+    ck.close(flush=True)
+    assert ck.stats["dropped"] == 1 and ck.stats["writes"] == 2
+    assert EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY).load()["meta"]["epoch"] == 3
+
+    release.clear()
+    entered.clear()
+    ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
+    ck.save(4, state(4.0))
+    assert entered.wait(10)
+    ck.save(5, state(5.0))
+    threading.Timer(0.2, release.set).start()
+    ck.close()                                   # waits for epoch 4, drops epoch 5
+    assert EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY).load()["meta"]["epoch"] == 4
+
+
+def test_a_checkpoint_of_another_training_is_ignored_with_a_note(tmp_path, capsys):
+    ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
+    ck.save(1, state(1.0))
+    ck.close(flush=True)
+    other = EpochCheckpoint(tmp_path / "c.pt", "c", {**IDENTITY, "mask": "0123456789abcdef"})
+    assert other.load() is None
+    assert "belongs to another training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code", "not-a-dict", "no-meta"])
+def test_a_damaged_or_hostile_epoch_checkpoint_is_never_used(tmp_path, capsys, damage):
+    path, sentinel = tmp_path / "c.pt", tmp_path / "ran"
+    ck = EpochCheckpoint(path, "c", IDENTITY)
+    ck.save(1, state(1.0))
+    ck.close(flush=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "code":
+        torch.save({"model": Evil(sentinel), "meta": "{}"}, path)
+    elif damage == "not-a-dict":
+        torch.save([1, 2], path)
+    else:
+        torch.save({"model": {}}, path)
+    assert EpochCheckpoint(path, "c", IDENTITY).load() is None
+    assert not sentinel.exists()
+    assert "[llt] note: " in capsys.readouterr().err
+
+
+def test_a_temporary_left_by_a_killed_write_is_removed_and_the_last_checkpoint_kept(tmp_path):
+    ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
+    ck.save(1, state(1.0))
+    ck.close(flush=True)
+    (tmp_path / ".c.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY).load()["meta"]["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_write_is_raised_on_the_training_thread(tmp_path, monkeypatch):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", full)
+    ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
+    ck.save(1, state(1.0))
+    with pytest.raises(OSError) as e:
+        ck.close(flush=True)
+    assert e.value.errno == errno.ENOSPC and not (tmp_path / "c.pt").exists()
+
+
+def test_due_epochs():
+    ck = EpochCheckpoint("x.pt", "x", IDENTITY, every=2)
+    assert [e for e in range(1, 8) if ck.due(e, 7)] == [2, 4, 6]        # never the last epoch: the stage ends
+    assert not any(EpochCheckpoint("x.pt", "x", IDENTITY, every=0).due(e, 7) for e in range(1, 8))
+
+
+def test_scheduler_state_round_trips_through_weights_only_loading(tmp_path):
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 3], gamma=0.1)
+
+    opt, sched = make()
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    torch.save(scheduler_state(sched), tmp_path / "s.pt")
+    opt2, sched2 = make()
+    load_scheduler_state(sched2, torch.load(tmp_path / "s.pt", weights_only=True))
+    opt2.load_state_dict(opt.state_dict())
+    for _ in range(2):
+        sched.step()
+        sched2.step()
+        assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_mask_fingerprints_see_one_bit():
+    a = {"conv.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)}
+    b = {"conv.weight": a["conv.weight"].clone()}
+    assert fingerprint_mask(a) == fingerprint_mask(b) != fingerprint_mask(None)
+    b["conv.weight"][2, 1, 0, 2] = False
+    assert fingerprint_mask(a) != fingerprint_mask(b)
