@@ -83,6 +83,8 @@ def main():
     if args.epochs < 2:
         ap.error("--epochs must be at least 2")
     dev = torch.device(args.device)
+    if args.compile and dev.type != "cuda":   # llt compiles on CUDA only; inductor's CPU backward of this model crashed
+        ap.error("--compile is for CUDA devices (llt never compiles on the CPU)")
     torch.backends.cudnn.benchmark = True
     trainer, data, k = build(args, dev)
     sched = Schedule(epochs=args.epochs, lr=0.01, milestones=(60, 80), batch_size=256)

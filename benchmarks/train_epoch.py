@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.4)
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if args.compile and dev.type != "cuda":   # llt compiles on CUDA only; inductor's CPU backward of this model crashed
+        ap.error("--compile is for CUDA devices (llt never compiles on the CPU)")
     torch.backends.cudnn.benchmark = True
     k, C = args.old_tasks, 2
     n_old = args.per_class * C * k
