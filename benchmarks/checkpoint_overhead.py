@@ -19,6 +19,8 @@ each training. Reported:
     resume_restore_seconds      restoring model, optimizer, scheduler, generators and sub-batch streams
 
 Checkpoints go to --dir (default: a temporary folder on the same disk as the working directory).
+--write-only skips the training: it times the snapshot and the write of a full training state (model,
+momentum, best state) of the given width, which is quick even on a CPU at full width.
 """
 
 import argparse
@@ -79,6 +81,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--fp32", action="store_true")
     ap.add_argument("--dir", default=None, help="folder for the checkpoints (default: a temporary folder in .)")
+    ap.add_argument("--write-only", action="store_true", help="time snapshot + write of a full state, no training")
     args = ap.parse_args()
     if args.epochs < 2:
         ap.error("--epochs must be at least 2")
@@ -101,6 +104,8 @@ def main():
         sync(dev)
         return time.perf_counter() - t0
 
+    if args.write_only:
+        return write_only(args, trainer, path, identity, dev, tmp)
     warm = train(0, None)                # compilation and cuDNN autotuning happen here
     off, on, stats = [], [], []
     for r in range(args.repeats):
@@ -141,6 +146,32 @@ def main():
         "resume_load_seconds": round(statistics.median(load), 4),
         "resume_restore_seconds": round(statistics.median(restore), 4),
         "warmup_seconds": round(warm, 2), **machine(),
+    }, indent=2))
+
+
+def write_only(args, trainer, path, identity, dev, tmp):
+    model = trainer.model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()                                   # momentum buffers exist, as after any step
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    snap, write, total = [], [], []
+    for e in range(args.repeats):
+        ck = EpochCheckpoint(path, "bench", identity)
+        sync(dev)
+        t0 = time.perf_counter()
+        ck.save(e + 1, {"model": model.state_dict(), "optimizer": opt.state_dict()}, frozen={"best_state": best})
+        snap.append(time.perf_counter() - t0)
+        ck.close(flush=True)
+        total.append(time.perf_counter() - t0)
+        write.append(ck.stats["write_seconds"])
+    size = path.stat().st_size
+    tmp.cleanup()
+    print(json.dumps({
+        "benchmark": "checkpoint_write", "device": str(dev), "width": args.width, "checkpoint_mb": round(size / 2**20, 1),
+        "snapshot_ms": round(1000 * statistics.median(snap), 2), "write_seconds": round(statistics.median(write), 4),
+        "snapshot_and_write_seconds": round(statistics.median(total), 4), "repeats": args.repeats, **machine(),
     }, indent=2))
 
 

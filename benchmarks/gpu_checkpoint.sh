@@ -15,6 +15,7 @@ out=${OUT:-.}/checkpoint.jsonl
 : > "$out"
 one() { python "$@" | python -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$out"; }
 ckpt=(${CKPT_ARGS:---epochs 6 --repeats 3})
+one benchmarks/checkpoint_overhead.py --write-only --repeats 5
 one benchmarks/checkpoint_overhead.py "${ckpt[@]}"
 if python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
   one benchmarks/checkpoint_overhead.py "${ckpt[@]}" --compile
@@ -32,7 +33,10 @@ python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
-    if r["benchmark"] == "checkpoint_overhead":
+    if r["benchmark"] == "checkpoint_write":
+        print(f"full training state, width {r['width']}: {r['checkpoint_mb']} MB, snapshot {r['snapshot_ms']} ms on the "
+              f"training thread, write {r['write_seconds']:.3f} s in the background")
+    elif r["benchmark"] == "checkpoint_overhead":
         print(f"compile={r['compile']!s:<5} epoch {r['epoch_seconds_without']:.3f} s | checkpoint {r['checkpoint_mb']} MB: "
               f"+{r['extra_seconds_per_checkpoint'] * 1000:.1f} ms per epoch = {r['overhead_percent']} % "
               f"(snapshot {r['snapshot_ms']} ms, background write {r['write_seconds']:.3f} s, dropped {r['dropped']}) | "
