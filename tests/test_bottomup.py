@@ -211,3 +211,41 @@ def test_tinyimagenet_preset_runs_end_to_end_on_64x64_images(tmp_path, capsys):
     assert state["conv1.weight"].shape == (4, 3, 3, 3)
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["dataset"] == "tinyimagenet" and summary["num_tasks"] == 2
+
+
+@pytest.mark.parametrize("command, name, damage, message", [
+    ("eval", "checkpoints/task1.pt", "truncated", "checkpoints/task1.pt: not a valid llt checkpoint"),
+    ("eval", "checkpoints/task1.pt", "code", "checkpoints/task1.pt: not a valid llt checkpoint (UnpicklingError"),
+    ("eval", "manifest.json", "schema", "manifest.json: not a valid llt manifest"),
+    ("retrain", "masks/task2.pt", "truncated", "masks/task2.pt: not a valid llt checkpoint"),
+    ("retrain", "checkpoints/init.pt", "code", "checkpoints/init.pt: not a valid llt checkpoint (UnpicklingError"),
+    ("retrain", "summary.json", "schema", "summary must be a JSON object"),
+    ("report", "summary.json", "keys", "not an llt summary (missing dataset, seed, accuracy_matrix"),
+    ("report", "summary.json", "json", "summary.json: not valid JSON"),
+    ("report", "manifest.json", "schema", "manifest.json: not an llt manifest"),
+])
+def test_every_loader_refuses_files_that_are_not_what_they_claim(grown, tmp_path, capsys, command, name, damage,
+                                                                 message):
+    from conftest import Evil
+
+    run = shutil.copytree(grown, tmp_path / "runs" / grown.name)
+    path, sentinel = run / name, tmp_path / "code-ran"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "code":
+        torch.save({"state": Evil(sentinel), "meta": "{}"}, path)
+    elif damage == "schema":
+        path.write_text('["a", "list"]')
+    elif damage == "keys":
+        path.write_text('{"method": "bu", "num_tasks": 3}')
+    else:
+        path.write_text('{"method": ')
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = {"eval": ["eval", str(run), "--task", "1"], "report": ["report", str(run), "--out", str(tmp_path / "rep")],
+            "retrain": ["retrain", str(run), "--out", str(tmp_path / "tr"), "--quiet"]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llt: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not sentinel.exists()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "tr").exists() or not list((tmp_path / "tr").iterdir())   # no half-made TR-BU run

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -61,9 +62,16 @@ def run_retrain(src_dir: str | Path, init: str = "original", out_dir: str | Path
     summary = finished_run(src_dir, "bu")
     cfg, _ = open_run(str(src_dir), data_dir)
     out = Path(out_dir) if out_dir else src.path.parent
-    rd = RunDir.create(out, f"{src.path.name}-retrain-{init}")
-    with rd.lock():
-        return _retrain(src, summary, cfg, rd, out, init, progress)
+    name = f"{src.path.name}-retrain-{init}"
+    fresh = not (out / name).exists()
+    rd = RunDir.create(out, name)
+    try:
+        with rd.lock():
+            return _retrain(src, summary, cfg, rd, out, init, progress)
+    except BaseException:
+        if fresh and not list(rd.path.glob("stages/*.done")):    # nothing finished: leave nothing behind
+            shutil.rmtree(rd.path, ignore_errors=True)
+        raise
 
 
 def _retrain(src: RunDir, summary: dict, cfg, rd: RunDir, out: Path, init: str, progress: str) -> dict:
