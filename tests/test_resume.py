@@ -220,3 +220,27 @@ def test_resume_refuses_files_that_are_not_what_they_claim(dense_run, tmp_path, 
     assert err.startswith("llt: error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
     assert not sentinel.exists()
     assert snapshot(dense_run) == before           # nothing lost, nothing half-written, no lock left
+
+
+def test_sigterm_stops_cleanly_and_the_run_continues(tmp_path):
+    """A scheduler's SIGTERM unwinds like Ctrl-C: the lock is released, the write under way is finished."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "llt", *run_args(out, "cil")[:-1], "--jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    epochs = 0
+    for line in proc.stderr:
+        if line.startswith('{"event": "epoch"'):
+            epochs += 1
+            if epochs == 2:
+                proc.send_signal(signal.SIGTERM)
+                break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143
+    assert "llt: stopped by SIGTERM; finished stages and the last epoch checkpoint are kept" in rest
+    rd = the_run(out)
+    assert not (rd / "lock").exists() and not list(rd.rglob("*.tmp"))
+    assert list((rd / "checkpoints/epoch").glob("*.pt"))
+    p = llt("none", "0", "resume", str(rd), "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "task 1/2: continuing after epoch" in p.stdout and (rd / "summary.json").is_file()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
+import threading
 import time
 
 from llt import __version__
@@ -181,9 +183,29 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`): unwinds like Ctrl-C, so locks are released and the epoch
+    checkpoint being written is finished."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if args.command in ("run", "resume", "retrain") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        return _dispatch(parser, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args) -> int:
     try:
         if args.command == "show-config":
             return cmd_show_config(args)
@@ -205,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     except LLTError as e:
         print(f"llt: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("llt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted"
+        print(f"llt: {what}; finished stages and the last epoch checkpoint are kept: `llt resume RUN_DIR` "
+              f"(or the same command) continues", file=sys.stderr)
+        return 143 if isinstance(e, Stopped) else 130
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" while writing {e.filename}" if e.filename else ""
