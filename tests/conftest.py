@@ -116,3 +116,23 @@ class Evil:
         import os
 
         return (os.system, (f"touch {self.sentinel}",))
+
+
+def full_disk(when) -> pytest.MonkeyPatch:
+    """Make every atomic write of a path for which `when(path)` holds fail with ENOSPC (as a full disk
+    does), for both the byte writer and the torch.save writer. Returns the patch; `.undo()` frees the disk."""
+    import errno
+
+    from llt import runs
+
+    patch = pytest.MonkeyPatch()
+    for name in ("atomic_write_bytes", "atomic_torch_save"):
+        real = getattr(runs, name)
+
+        def failing(path, obj, _real=real):
+            if when(str(path)):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return _real(path, obj)
+
+        patch.setattr(runs, name, failing)
+    return patch

@@ -65,18 +65,25 @@ def main() -> int:
 
         Progress.update, Trainer._step = update, step
     elif point == "checkpoint-write":
-        real_write = runs.atomic_write_bytes
+        import io
 
-        def write(path, data):
+        import torch
+
+        real_save = runs.atomic_torch_save
+
+        def save(path, obj):
             path = Path(path)
-            if path.parent.name == "epoch" and path.suffix == ".pt" and path.is_file():
+            if path.parent.name == "epoch" and path.is_file():
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                data = buf.getvalue()
                 fd, _ = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
                 os.write(fd, data[: len(data) // 2])
                 os.fsync(fd)
                 die()
-            real_write(path, data)
+            real_save(path, obj)
 
-        runs.atomic_write_bytes = write
+        runs.atomic_torch_save = save
     elif point == "prune":
         for module in (bottomup, topdown):
             real_prune = module.global_magnitude_prune

@@ -11,7 +11,7 @@ import torch
 
 from llt import runs
 from llt.checkpointing import EpochCheckpoint, fingerprint_mask, load_scheduler_state, scheduler_state
-from conftest import Evil
+from conftest import Evil, full_disk
 
 IDENTITY = {"task": 1, "key": "bu-ref1", "epochs": 5, "mask": "dense"}
 
@@ -36,15 +36,14 @@ def test_round_trip_through_the_background_writer(tmp_path):
 
 
 def test_a_newer_snapshot_replaces_a_waiting_one_and_close_without_flush_drops_it(tmp_path, monkeypatch):
-    release, entered, real = threading.Event(), threading.Event(), runs.atomic_write_bytes
+    release, entered, real = threading.Event(), threading.Event(), runs.atomic_torch_save
 
-    def slow(path, data):
-        if path.suffix == ".pt":
-            entered.set()
-            release.wait(10)
-        real(path, data)
+    def slow(path, obj):
+        entered.set()
+        release.wait(10)
+        real(path, obj)
 
-    monkeypatch.setattr(runs, "atomic_write_bytes", slow)
+    monkeypatch.setattr(runs, "atomic_torch_save", slow)
     ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
     ck.save(1, state(1.0))
     assert entered.wait(10)                      # epoch 1 is being written
@@ -103,15 +102,15 @@ def test_a_temporary_left_by_a_killed_write_is_removed_and_the_last_checkpoint_k
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_a_failed_write_is_raised_on_the_training_thread(tmp_path, monkeypatch):
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(runs, "atomic_write_bytes", full)
-    ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
-    ck.save(1, state(1.0))
-    with pytest.raises(OSError) as e:
-        ck.close(flush=True)
+def test_a_failed_write_is_raised_on_the_training_thread(tmp_path):
+    disk = full_disk(lambda path: True)
+    try:
+        ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
+        ck.save(1, state(1.0))
+        with pytest.raises(OSError) as e:
+            ck.close(flush=True)                 # the writer failed on epoch 1: the error comes out here
+    finally:
+        disk.undo()
     assert e.value.errno == errno.ENOSPC and not (tmp_path / "c.pt").exists()
 
 

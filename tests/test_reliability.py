@@ -5,6 +5,8 @@ import os
 import platform
 import subprocess
 
+from conftest import full_disk
+
 from llt.cli import main
 
 STREAM = ["run", "--preset", "demo", "--set", "run.method=stream", "--quiet"]
@@ -62,18 +64,7 @@ def test_jsonl_progress_is_one_json_object_per_epoch(tmp_path, capsys):
 
 
 def test_a_full_disk_stops_cleanly_and_the_run_continues_later(tmp_path, capsys, monkeypatch):
-    import errno
-
-    import llt.runs
-
-    real = llt.runs.atomic_write_bytes
-
-    def full_at_task2(path, data):
-        if "task2" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(llt.runs, "atomic_write_bytes", full_at_task2)
+    disk = full_disk(lambda path: "task2" in path)
     args = ["run", "--preset", "demo", "--set", "run.method=cil", "--set", "data.num_tasks=2", "--set", "train.epochs=1",
             "--set", "model.width=4", "--set", "data.exemplars_per_class=3", "--quiet", "--out", str(tmp_path)]
     assert main(args) == 2
@@ -82,23 +73,12 @@ def test_a_full_disk_stops_cleanly_and_the_run_continues_later(tmp_path, capsys,
     [rd] = list(tmp_path.iterdir())
     assert (rd / "stages/task1.done").is_file() and not (rd / "stages/task2.done").exists()
     assert not any(p.name.endswith(".tmp") for p in rd.rglob("*")) and not (rd / "lock").exists()
-    monkeypatch.setattr(llt.runs, "atomic_write_bytes", real)
+    disk.undo()
     assert main(args) == 0 and (rd / "summary.json").is_file()
 
 
 def test_a_full_disk_while_writing_an_epoch_checkpoint_stops_cleanly(tmp_path, capsys, monkeypatch):
-    import errno
-
-    import llt.runs
-
-    real = llt.runs.atomic_write_bytes
-
-    def full_for_epoch_checkpoints(path, data):
-        if "checkpoints/epoch" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(llt.runs, "atomic_write_bytes", full_for_epoch_checkpoints)
+    disk = full_disk(lambda path: "checkpoints/epoch" in path)
     args = ["run", "--preset", "demo", "--set", "run.method=cil", "--set", "data.num_tasks=2", "--set", "train.epochs=2",
             "--set", "model.width=4", "--set", "data.exemplars_per_class=3", "--quiet", "--out", str(tmp_path)]
     assert main(args) == 2
@@ -108,7 +88,7 @@ def test_a_full_disk_while_writing_an_epoch_checkpoint_stops_cleanly(tmp_path, c
     [rd] = list(tmp_path.iterdir())
     assert not (rd / "stages/task1.done").exists() and not (rd / "lock").exists()
     assert not any(p.name.endswith(".tmp") for p in rd.rglob("*"))
-    monkeypatch.setattr(llt.runs, "atomic_write_bytes", real)
+    disk.undo()
     assert main(args) == 0 and (rd / "summary.json").is_file()
     # with checkpoints off nothing is written per epoch (and the run directory is the same one)
     assert main([*args, "--set", "run.checkpoint_every=0"]) == 0 and len(list(tmp_path.iterdir())) == 1

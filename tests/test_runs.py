@@ -29,6 +29,27 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temporaries(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_a_checkpoint_write_that_fails_halfway_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import llt.runs
+
+    save_checkpoint(tmp_path / "c.pt", {"w": torch.ones(10)}, {"v": 1})
+    real = torch.save
+
+    def half_then_fail(obj, f):
+        real(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(llt.runs.torch, "save", half_then_fail)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(10)}, {"v": 2})
+    monkeypatch.setattr(llt.runs.torch, "save", real)
+    state, meta = load_checkpoint(tmp_path / "c.pt")
+    assert meta == {"v": 1} and torch.equal(state["w"], torch.ones(10))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     state = {"w": torch.randn(3, 3), "steps": torch.tensor(5)}
     save_checkpoint(tmp_path / "c.pt", state, {"task": 2, "note": "ok"})

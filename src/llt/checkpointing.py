@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
 import sys
 import threading
@@ -233,15 +232,12 @@ class EpochCheckpoint:
             event.synchronize()
         meta = {"kind": KIND, "key": self.key, "epoch": epoch, "identity": self.identity,
                 "format_version": runs.FORMAT_VERSION, "time": round(time.time(), 3)}
-        buf = io.BytesIO()
-        torch.save({**_to_cpu(snap), "meta": json.dumps(meta)}, buf)
-        data = buf.getvalue()
-        runs.atomic_write_bytes(self.path, data)
+        runs.atomic_torch_save(self.path, {**_to_cpu(snap), "meta": json.dumps(meta)})
         # a small note beside it, so `llt list` can say where a run stopped without reading the checkpoint
         runs.atomic_write_json(self.path.with_suffix(".json"), {"key": self.key, "epoch": epoch,
                                                                 "epochs": self.identity.get("epochs")})
         self.stats["writes"] += 1
-        self.stats["bytes"] = len(data)
+        self.stats["bytes"] = self.path.stat().st_size
         self.stats["write_seconds"] += time.perf_counter() - t0
 
 
