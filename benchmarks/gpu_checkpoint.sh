@@ -16,6 +16,7 @@ out=${OUT:-.}/checkpoint.jsonl
 one() { python "$@" | python -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$out"; }
 ckpt=(${CKPT_ARGS:---epochs 6 --repeats 3})
 one benchmarks/checkpoint_overhead.py --write-only --repeats 5
+one benchmarks/writer_gil.py
 one benchmarks/checkpoint_overhead.py "${ckpt[@]}"
 if python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
   one benchmarks/checkpoint_overhead.py "${ckpt[@]}" --compile
@@ -36,6 +37,9 @@ for r in rows:
     if r["benchmark"] == "checkpoint_write":
         print(f"full training state, width {r['width']}: {r['checkpoint_mb']} MB, snapshot {r['snapshot_ms']} ms on the "
               f"training thread, write {r['write_seconds']:.3f} s in the background")
+    elif r["benchmark"] == "writer_gil":
+        print(f"GIL: a Python thread keeps {r['torch_save_to_path']['main_thread_speed_percent']} % of its speed during a "
+              f"checkpoint save (to a path; {r['torch_save_to_buffer_then_file']['main_thread_speed_percent']} % through a buffer)")
     elif r["benchmark"] == "checkpoint_overhead":
         print(f"compile={r['compile']!s:<5} epoch {r['epoch_seconds_without']:.3f} s | checkpoint {r['checkpoint_mb']} MB: "
               f"+{r['extra_seconds_per_checkpoint'] * 1000:.1f} ms per epoch = {r['overhead_percent']} % "
