@@ -32,49 +32,28 @@ from pathlib import Path
 
 import _common  # noqa: F401
 import torch
-from _common import machine, sync
+from _common import add_workload_args, distill_workload, machine, sync
 
 from llt.checkpointing import EpochCheckpoint
-from llt.data.augment import Normalizer, make_generator
-from llt.models import build_model, conv_weight_names
-from llt.teaching import TeachingSet
+from llt.data.augment import make_generator
+from llt.models import conv_weight_names
 from llt.trainer import Schedule, TaskData, Trainer
 
 
 def build(args, dev):
-    k, C = args.old_tasks, 2
-    n_old = args.per_class * C * k
-    g = make_generator(0, dev)
-    n_total = args.new_images + n_old
-    images = torch.randint(0, 256, (n_total, 3, 32, 32), dtype=torch.uint8, device=dev, generator=g)
-    labels = torch.cat([torch.randint(k * C, (k + 1) * C, (args.new_images,), device=dev, generator=g),
-                        torch.randint(0, k * C, (n_old,), device=dev, generator=g)])
-    new_idx = torch.arange(args.new_images, device=dev)
-    mem_idx = torch.arange(args.new_images, n_total, device=dev)
-    n_unl = 50 * n_old
-    teach = TeachingSet(torch.randint(0, 256, (n_unl, 3, 32, 32), dtype=torch.uint8, device=dev, generator=g),
-                        torch.randn(n_unl, k * C, device=dev, generator=g),
-                        torch.randn(n_unl, k * C, device=dev, generator=g), torch.arange(n_unl, device=dev))
-    data = TaskData(images, labels, new_idx, mem_idx, new_idx[: min(1000 * (k + 1), args.new_images)], teach)
-    cl = dev.type == "cuda"
-    model = build_model(5, C, width=args.width, seed=0).to(dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    w = distill_workload(dev, args.width, args.new_images, args.old_tasks, args.per_class)
+    model, g = w["model"], w["generator"]
+    data = TaskData(w["images"], w["labels"], w["new_idx"], w["memory_idx"], w["val_idx"], w["teaching"])
     params = dict(model.named_parameters())
     mask = {n: torch.rand(params[n].shape, device=dev, generator=g) < args.density for n in conv_weight_names(model)}
-    norm = Normalizer((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), dev, channels_last=cl)
     autocast = None if (args.fp32 or dev.type != "cuda") else torch.bfloat16
-    trainer = Trainer(model, norm, autocast, eval_batch_size=1024, mask=mask, compile=args.compile)
-    return trainer, data, k
+    trainer = Trainer(model, w["normalizer"], autocast, eval_batch_size=1024, mask=mask, compile=args.compile)
+    return trainer, data, w["old_tasks"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--new-images", type=int, default=9000)
-    ap.add_argument("--old-tasks", type=int, default=4)
-    ap.add_argument("--per-class", type=int, default=100)
+    add_workload_args(ap)
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--epochs", type=int, default=6, help="epochs per timed training (checkpoints after all but the last)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -16,11 +16,10 @@ import time
 
 import _common  # noqa: F401
 import torch
-from _common import machine, sync
+from _common import add_workload_args, distill_workload, machine, sync
 
-from llt.data.augment import Normalizer, make_generator
-from llt.models import build_model, forward_flops_per_image
-from llt.teaching import TeachingSet
+from llt.data.augment import make_generator
+from llt.models import forward_flops_per_image
 from llt.trainer import Schedule, TaskData, Trainer
 
 
@@ -38,11 +37,7 @@ def timed_epochs(trainer, k, data, epochs, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--new-images", type=int, default=9000)
-    ap.add_argument("--old-tasks", type=int, default=4)
-    ap.add_argument("--per-class", type=int, default=100)
+    add_workload_args(ap)
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per kind (after one warm-up epoch)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
@@ -52,25 +47,11 @@ def main():
     if args.compile and dev.type != "cuda":   # llt compiles on CUDA only; inductor's CPU backward of this model crashed
         ap.error("--compile is for CUDA devices (llt never compiles on the CPU)")
     torch.backends.cudnn.benchmark = True
-    k, C = args.old_tasks, 2
-    n_old = args.per_class * C * k
-    g = make_generator(0, dev)
-    n_total = args.new_images + n_old
-    images = torch.randint(0, 256, (n_total, 3, 32, 32), dtype=torch.uint8, device=dev, generator=g)
-    labels = torch.cat([torch.randint(k * C, (k + 1) * C, (args.new_images,), device=dev, generator=g),
-                        torch.randint(0, k * C, (n_old,), device=dev, generator=g)])
-    new_idx = torch.arange(args.new_images, device=dev)
-    mem_idx = torch.arange(args.new_images, n_total, device=dev)
-    val_idx = new_idx[: 1000 * (k + 1)] if args.new_images >= 1000 * (k + 1) else new_idx
-    n_unl = 50 * n_old
-    teach = TeachingSet(torch.randint(0, 256, (n_unl, 3, 32, 32), dtype=torch.uint8, device=dev, generator=g),
-                        torch.randn(n_unl, k * C, device=dev, generator=g), torch.randn(n_unl, k * C, device=dev, generator=g),
-                        torch.arange(n_unl, device=dev))
-    cl = dev.type == "cuda"
-    model = build_model(5, C, width=args.width, seed=0).to(dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    norm = Normalizer((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), dev, channels_last=cl)
+    w = distill_workload(dev, args.width, args.new_images, args.old_tasks, args.per_class)
+    k, C, n_old, g = w["old_tasks"], w["classes_per_task"], w["num_old"], w["generator"]
+    images, labels, new_idx, mem_idx, val_idx = w["images"], w["labels"], w["new_idx"], w["memory_idx"], w["val_idx"]
+    teach, model, norm = w["teaching"], w["model"], w["normalizer"]
+    n_total = images.shape[0]
     autocast = None if (args.fp32 or dev.type != "cuda") else torch.bfloat16
     trainer = Trainer(model, norm, autocast, eval_batch_size=1024, compile=args.compile)
     first_labels = torch.randint(0, C, (n_total,), device=dev, generator=g)   # task 1 knows classes 0..C-1 only

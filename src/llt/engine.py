@@ -254,8 +254,9 @@ class Engine:
         if every == 0:
             return None
         key = seed_tag.removeprefix("augment/").replace("/", "-")
-        identity = {"task": t, "key": key, "epochs": schedule.epochs, "schedule": dataclasses.asdict(schedule), "select_on": select_on,
-                    "mask": fingerprint_mask(mask), "memory": fingerprint_tensor(data.memory_idx),
+        identity = {"task": t, "key": key, "epochs": schedule.epochs, "schedule": dataclasses.asdict(schedule),
+                    "select_on": select_on, "mask": fingerprint_mask(mask),
+                    "memory": fingerprint_tensor(data.memory_idx),
                     "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
         return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
 

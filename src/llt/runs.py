@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -75,36 +76,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file, fsync, rename, fsync of the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_torch_save(path: str | Path, obj) -> None:
-    """torch.save `obj` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
-
-    torch.save writes a file path from C++ without holding Python's GIL for the data, unlike saving into
-    an in-memory buffer first: a background writer (llt.checkpointing) then barely slows the training
-    thread, and no second copy of a large checkpoint is made in host memory."""
+def _atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`; it is fsynced and renamed over `path`, then the
+    folder is fsynced. On any failure the temporary is removed and `path` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -116,6 +96,24 @@ def atomic_torch_save(path: str | Path, obj) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file, fsync, rename, fsync of the folder."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write)
+
+
+def atomic_torch_save(path: str | Path, obj) -> None:
+    """torch.save `obj` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
+
+    torch.save writes a file path from C++ without holding Python's GIL for the data, unlike saving into
+    an in-memory buffer first: a background writer (llt.checkpointing) then barely slows the training
+    thread, and no second copy of a large checkpoint is made in host memory."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
