@@ -3,7 +3,9 @@
     python tests/kill_at.py POINT N [--grow] -- LLT ARGS...
 
 POINT, N:
-    epoch-step N        at the second optimizer step after N epochs of this process (inside an epoch)
+    epoch-step N        at the second optimizer step after N epochs of this process (inside an epoch),
+                        once the checkpoint queued at the end of the last epoch is on disk (with epochs
+                        of seconds, as in real runs, it is; a tiny test epoch could outrun the writer)
     checkpoint-write 0  in the middle of the first epoch-checkpoint write that replaces an earlier
                         checkpoint: half of the bytes are in the temporary file, the rename has not happened
     prune N             right after the N-th global magnitude pruning (inside a pruning level, before its
@@ -50,20 +52,27 @@ def main() -> int:
         bottomup.first_task_rule_broken = lambda *a: False
         bottomup.regrow_rule_broken = lambda *a: False
     if point == "epoch-step":
+        from llt.checkpointing import EpochCheckpoint
         from llt.engine import Progress
 
-        real_update, real_step, epochs = Progress.update, Trainer._step, [0]
+        real_update, real_step, real_save, epochs, writers = Progress.update, Trainer._step, EpochCheckpoint.save, [0], []
 
         def update(self, epoch, stats):
             real_update(self, epoch, stats)
             epochs[0] += 1
 
+        def save(self, *a, **kw):
+            writers.append(self)
+            real_save(self, *a, **kw)
+
         def step(self, opt, loss):
             real_step(self, opt, loss)
             if epochs[0] >= int(arg) and hit(2):
+                if writers:             # as after a real epoch of seconds: the last checkpoint is on disk
+                    writers[-1].wait(30)
                 die()
 
-        Progress.update, Trainer._step = update, step
+        Progress.update, Trainer._step, EpochCheckpoint.save = update, step, save
     elif point == "checkpoint-write":
         import io
 

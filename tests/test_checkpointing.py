@@ -49,7 +49,9 @@ def test_a_newer_snapshot_replaces_a_waiting_one_and_close_without_flush_drops_i
     assert entered.wait(10)                      # epoch 1 is being written
     ck.save(2, state(2.0))                       # waits
     ck.save(3, state(3.0))                       # replaces epoch 2
+    assert not ck.wait(timeout=0.05)             # epoch 1 is still being written
     release.set()
+    assert ck.wait(timeout=10) and ck.stats["writes"] == 2     # epochs 1 and 3 are on disk, the writer lives
     ck.close(flush=True)
     assert ck.stats["dropped"] == 1 and ck.stats["writes"] == 2
     assert EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY).load()["meta"]["epoch"] == 3

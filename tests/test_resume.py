@@ -223,7 +223,7 @@ def test_resume_refuses_files_that_are_not_what_they_claim(dense_run, tmp_path, 
 
 
 def test_sigterm_stops_cleanly_and_the_run_continues(tmp_path):
-    """A scheduler's SIGTERM unwinds like Ctrl-C: the lock is released, the write under way is finished."""
+    """A scheduler's SIGTERM unwinds like Ctrl-C: the lock is released, the last epoch is saved first."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "llt", *run_args(out, "cil")[:-1], "--jsonl"],
@@ -240,7 +240,8 @@ def test_sigterm_stops_cleanly_and_the_run_continues(tmp_path):
     assert "llt: stopped by SIGTERM; finished stages and the last epoch checkpoint are kept" in rest
     rd = the_run(out)
     assert not (rd / "lock").exists() and not list(rd.rglob("*.tmp"))
-    assert list((rd / "checkpoints/epoch").glob("*.pt"))
+    [ckpt] = list((rd / "checkpoints/epoch").glob("*.pt"))
+    assert epoch_of(ckpt) == 2                     # the last finished epoch was written before stopping
     p = llt("none", "0", "resume", str(rd), "--quiet")
     assert p.returncode == 0, p.stderr
-    assert "task 1/2: continuing after epoch" in p.stdout and (rd / "summary.json").is_file()
+    assert "task 1/2: continuing after epoch 2 of 3" in p.stdout and (rd / "summary.json").is_file()

@@ -206,6 +206,12 @@ class EpochCheckpoint:
             err, self._error = self._error, None
             raise err
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued snapshot is on disk (the writer keeps running); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: (self._pending is None and not self._busy) or self._error is not None,
+                                       timeout)
+
     def _loop(self) -> None:
         stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         while True:
@@ -214,7 +220,7 @@ class EpochCheckpoint:
                     self._cond.wait()
                 if self._pending is None:
                     return
-                item, self._pending = self._pending, None
+                item, self._pending, self._busy = self._pending, None, True
             try:
                 if stream is not None:
                     with torch.cuda.stream(stream):
@@ -224,6 +230,10 @@ class EpochCheckpoint:
             except BaseException as e:   # surfaced on the training thread
                 self._error = e
                 return
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def _write(self, item: tuple) -> None:
         epoch, snap, event = item

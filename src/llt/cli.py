@@ -184,8 +184,8 @@ def cmd_retrain(args) -> int:
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (a scheduler's preemption, `kill`): unwinds like Ctrl-C, so locks are released and the epoch
-    checkpoint being written is finished."""
+    """SIGTERM (a scheduler's preemption, `kill`): unwinds like Ctrl-C, so locks are released and the
+    checkpoint of the last finished epoch is written."""
 
 
 def _raise_stopped(signum, frame):

@@ -244,8 +244,8 @@ class Engine:
         finally:
             self.progress.close()
             self.trainer.mask = None
-            if ckpt is not None:
-                ckpt.close()
+            if ckpt is not None:   # stopped by Ctrl-C or SIGTERM: the last finished epoch is saved first
+                ckpt.close(flush=isinstance(sys.exc_info()[1], KeyboardInterrupt))
 
     def epoch_checkpoint(self, t: int, schedule: Schedule, seed_tag: str, mask: dict | None,
                          teaching: TeachingSet | None, data: TaskData, select_on: str) -> EpochCheckpoint | None:
