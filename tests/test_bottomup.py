@@ -141,6 +141,13 @@ def test_retrain_and_evaluation_of_tickets_and_dense_references(grown, tmp_path,
     for init in ("reference", "random"):
         assert main(["retrain", str(grown), "--out", str(tmp_path), "--quiet", "--init", init]) == 0
         assert (tmp_path / f"{grown.name}-retrain-{init}" / "summary.json").is_file()
+    # `llt resume` of an interrupted TR-BU directory: task 1 kept, tasks 2-3 re-trained to the same result
+    for name in ("stages/task2.done", "stages/task3.done", "summary.json"):
+        (rd / name).unlink()
+    capsys.readouterr()
+    assert main(["resume", str(rd), "--quiet"]) == 0
+    assert "task 1: re-trained before (stage marker present), skipping" in capsys.readouterr().out
+    assert json.loads((rd / "summary.json").read_text()) == summary
 
 
 def test_bad_inputs_for_retrain_and_eval(grown, tmp_path, capsys):

@@ -111,11 +111,10 @@ class EpochCheckpoint:
     are raised on the training thread at the next save/close.
     """
 
-    def __init__(self, path: str | Path, key: str, identity: dict, every: int = 1, background: bool = True):
+    def __init__(self, path: str | Path, key: str, identity: dict, every: int = 1):
         if every < 0:
             raise ValueError("every must be >= 0")
         self.path, self.key, self.identity, self.every = Path(path), key, identity, every
-        self.background = background
         self._cond = threading.Condition()
         self._pending: tuple | None = None
         self._busy = False
@@ -176,9 +175,6 @@ class EpochCheckpoint:
         self.stats["snapshots"] += 1
         self.stats["snapshot_seconds"] += time.perf_counter() - t0
         item = (epoch, snap, event)
-        if not self.background:
-            self._write(item)
-            return
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"llt-checkpoint-{self.key}", daemon=True)
