@@ -123,16 +123,16 @@ def full_disk(when) -> pytest.MonkeyPatch:
     does), for both the byte writer and the torch.save writer. Returns the patch; `.undo()` frees the disk."""
     import errno
 
-    from llt import runs
+    from llt import storage
 
     patch = pytest.MonkeyPatch()
     for name in ("atomic_write_bytes", "atomic_torch_save"):
-        real = getattr(runs, name)
+        real = getattr(storage, name)
 
         def failing(path, obj, _real=real):
             if when(str(path)):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             return _real(path, obj)
 
-        patch.setattr(runs, name, failing)
+        patch.setattr(storage, name, failing)
     return patch

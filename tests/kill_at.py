@@ -37,8 +37,8 @@ def main() -> int:
     point, arg, *flags = sys.argv[1:sep]
     llt_args = sys.argv[sep + 1:]
 
-    from llt import cli, runs
-    from llt.pruning import bottomup, topdown
+    from llt import cli, runs, storage
+    from llt.methods import bottomup, topdown
     from llt.trainer import Trainer
 
     count = [0]
@@ -53,7 +53,7 @@ def main() -> int:
         bottomup.regrow_rule_broken = lambda *a: False
     if point == "epoch-step":
         from llt.checkpointing import EpochCheckpoint
-        from llt.engine import Progress
+        from llt.console import Progress
 
         real_update, real_step, real_save, epochs, writers = Progress.update, Trainer._step, EpochCheckpoint.save, [0], []
 
@@ -78,7 +78,7 @@ def main() -> int:
 
         import torch
 
-        real_save = runs.atomic_torch_save
+        real_save = storage.atomic_torch_save
 
         def save(path, obj):
             path = Path(path)
@@ -92,7 +92,7 @@ def main() -> int:
                 die()
             real_save(path, obj)
 
-        runs.atomic_torch_save = save
+        storage.atomic_torch_save = save
     elif point == "prune":
         for module in (bottomup, topdown):
             real_prune = module.global_magnitude_prune

@@ -12,8 +12,8 @@ import torch
 from llt.cli import main
 from llt.models import build_model
 from llt.pruning import Mask, prune_count
-from llt.pruning import bottomup
-from llt.runs import load_checkpoint
+from llt.methods import bottomup
+from llt.storage import load_checkpoint
 
 FAST = ["--set", "run.method=bu", "--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
         "--set", "data.num_tasks=3", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
@@ -162,9 +162,18 @@ def test_bad_inputs_for_retrain_and_eval(grown, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(grown, other)
     s = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps({**s, "method": "cil"}))
+    assert main(["retrain", str(other)]) == 2
+    assert "is a finished run of method 'cil', not a ticket run ('bu' or 'td'" in capsys.readouterr().err
+    assert main(["retrain", str(other), "--mask", "random"]) == 2
+    assert "not a ticket run" in capsys.readouterr().err
+    # growing masks claimed to be a Top-Down run's: Top-Down tickets must shrink
     (other / "summary.json").write_text(json.dumps({**s, "method": "td"}))
     assert main(["retrain", str(other)]) == 2
-    assert "is a finished run of method 'td', not 'bu'" in capsys.readouterr().err
+    assert "Top-Down tickets only shrink" in capsys.readouterr().err
+    assert main(["retrain", str(other), "--init", "reference"]) == 2
+    assert "--init reference needs a Bottom-Up run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "unfinished"]     # nothing left behind
     # masks that are not nested
     broken = tmp_path / "broken"
     shutil.copytree(grown, broken)

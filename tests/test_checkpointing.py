@@ -9,8 +9,9 @@ import threading
 import pytest
 import torch
 
-from llt import runs
-from llt.checkpointing import EpochCheckpoint, fingerprint_mask, load_scheduler_state, scheduler_state
+from llt import storage
+from llt.checkpointing import EpochCheckpoint, fingerprint_mask
+from llt.trainer import Schedule, learning_rate
 from conftest import Evil, full_disk
 
 IDENTITY = {"task": 1, "key": "bu-ref1", "epochs": 5, "mask": "dense"}
@@ -36,14 +37,14 @@ def test_round_trip_through_the_background_writer(tmp_path):
 
 
 def test_a_newer_snapshot_replaces_a_waiting_one_and_close_without_flush_drops_it(tmp_path, monkeypatch):
-    release, entered, real = threading.Event(), threading.Event(), runs.atomic_torch_save
+    release, entered, real = threading.Event(), threading.Event(), storage.atomic_torch_save
 
     def slow(path, obj):
         entered.set()
         release.wait(10)
         real(path, obj)
 
-    monkeypatch.setattr(runs, "atomic_torch_save", slow)
+    monkeypatch.setattr(storage, "atomic_torch_save", slow)
     ck = EpochCheckpoint(tmp_path / "c.pt", "c", IDENTITY)
     ck.save(1, state(1.0))
     assert entered.wait(10)                      # epoch 1 is being written
@@ -122,24 +123,19 @@ def test_due_epochs():
     assert not any(EpochCheckpoint("x.pt", "x", IDENTITY, every=0).due(e, 7) for e in range(1, 8))
 
 
-def test_scheduler_state_round_trips_through_weights_only_loading(tmp_path):
-    def make():
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 3], gamma=0.1)
-
-    opt, sched = make()
-    for _ in range(2):
-        opt.step()
-        sched.step()
-    torch.save(scheduler_state(sched), tmp_path / "s.pt")
-    opt2, sched2 = make()
-    load_scheduler_state(sched2, torch.load(tmp_path / "s.pt", weights_only=True))
-    opt2.load_state_dict(opt.state_dict())
-    for _ in range(2):
-        sched.step()
-        sched2.step()
-        assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
-    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01)
+def test_the_learning_rate_of_each_epoch_equals_multisteplr_stepped_per_epoch():
+    """The learning rate is a function of the epoch (no scheduler state to checkpoint); it must give what
+    torch's MultiStepLR gives when stepped once per epoch, milestone epochs included."""
+    for milestones, epochs in (((60, 80), 100), ((2, 3), 6), ((), 4), ((1,), 3)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
+        s = Schedule(epochs=epochs, lr=0.01, milestones=milestones, gamma=0.1)
+        for epoch in range(1, epochs + 1):
+            assert learning_rate(s, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), (milestones, epoch)
+            opt.step()
+            sched.step()
+    s = Schedule(epochs=100, lr=0.01, milestones=(60, 80))
+    assert [learning_rate(s, e) for e in (1, 60, 61, 80, 81, 100)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
 
 
 def test_mask_fingerprints_see_one_bit():

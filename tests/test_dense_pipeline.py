@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llt.cli import main
-from llt.runs import load_checkpoint
+from llt.storage import load_checkpoint
 from llt.trainer import Trainer
 
 FAST = ["--set", "run.method=cil", "--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
@@ -104,7 +104,7 @@ def test_checkpoint_that_does_not_fit_the_config(finished, tmp_path, capsys):
     rd = tmp_path / "out" / finished.name          # same name: the same `llt run` command reopens it
     shutil.copytree(finished, rd)
     from llt.models import build_model
-    from llt.runs import save_checkpoint
+    from llt.storage import save_checkpoint
 
     wrong = build_model(3, 2, width=8).state_dict()        # the run used width 4
     save_checkpoint(rd / "checkpoints/task1.pt", wrong, {"row": [0.0]})

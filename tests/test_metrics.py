@@ -7,7 +7,7 @@ import torch
 
 from llt.data.augment import Normalizer
 from llt.data.stream import build_stream
-from llt.evaluation import evaluate_seen_tasks
+from llt.evaluation import accuracy
 from llt.metrics import (average_incremental_accuracy, backward_transfer, forgetting, per_class_accuracy,
                          standard_accuracy, summarize)
 from llt.models import build_model
@@ -62,8 +62,8 @@ def test_evaluation_is_task_agnostic_over_seen_heads_only():
         model.heads_aux[0].bias.fill_(100.0)                       # the aux branch is never evaluated
     images = torch.zeros(24, 3, 8, 8, dtype=torch.uint8)
     norm = Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")
-    out = evaluate_seen_tasks(model, images, s, 1, norm)
+    out = accuracy(model, images, s.test_labels, [task.test_idx for task in s.tasks[:2]], norm)
     assert out["row"] == [0.0, 50.0]                 # task 0: nothing right; task 1: all of label 2
     assert out["overall"] == 25.0
     assert out["per_class"] == [0.0, 0.0, 100.0, 0.0]
-    assert evaluate_seen_tasks(model, images, s, 2, norm)["row"] == [0.0, 0.0, 50.0]
+    assert accuracy(model, images, s.test_labels, [task.test_idx for task in s.tasks], norm)["row"] == [0.0, 0.0, 50.0]

@@ -102,9 +102,9 @@ def test_pruned_weights_stay_exactly_zero_through_training_with_momentum_and_wei
     m = model()
     before = copy.deepcopy(m)
     mask = global_magnitude_prune(weights(m), Mask.ones(m), 0.7)
-    trainer = Trainer(m, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"), mask=mask.masks)
+    trainer = Trainer(m, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
     trainer.fit_task(0, tiny_data(), Schedule(epochs=4, lr=0.1, momentum=0.9, weight_decay=5e-3, batch_size=8),
-                     make_generator(0, "cpu"))
+                     make_generator(0, "cpu"), mask=mask)
     assert mask.pruned_nonzero(m) == {}
     # kept weights, negative ones included, did train
     w0, w1 = weights(before), weights(m)
@@ -113,6 +113,16 @@ def test_pruned_weights_stay_exactly_zero_through_training_with_momentum_and_wei
         neg = keep & (w0[n].detach() < 0)
         assert not torch.equal(w1[n].detach()[neg], w0[n].detach()[neg]), n
     assert Mask.from_nonzero(m).issubset(mask)
+
+
+def test_the_trainer_refuses_a_mask_that_does_not_fit_before_training():
+    m = model()
+    before = copy.deepcopy(m.state_dict())
+    wrong = Mask.ones(model(8))                          # a mask made for width 8
+    trainer = Trainer(m, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
+    with pytest.raises(LLTError, match=r"the training's mask: conv1.weight has shape \(8, 3, 3, 3\)"):
+        trainer.fit_task(0, tiny_data(), Schedule(epochs=1, lr=0.1, batch_size=8), make_generator(0, "cpu"), mask=wrong)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())     # nothing was trained
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
@@ -129,7 +139,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     partial.save(tmp_path / "p.pt")
     with pytest.raises(LLTError, match=r"does not fit the model \(missing \['conv1.weight'\]"):
         Mask.load(tmp_path / "p.pt", m)
-    from llt.runs import save_checkpoint
+    from llt.storage import save_checkpoint
 
     save_checkpoint(tmp_path / "f.pt", {"conv1.weight": torch.ones(4, 3, 3, 3)})
     with pytest.raises(LLTError, match="not a mask file"):

@@ -1,13 +1,19 @@
-"""Run-directory lock (live, stale and foreign owners), format versions, machine-readable progress."""
+"""Run-directory lock (held, left by a dead process, noted by another host, raced for), format versions,
+machine-readable progress, full disks."""
 
 import json
 import os
 import platform
 import subprocess
+import sys
+import time
 
-from conftest import full_disk
+from conftest import REPO, full_disk
 
 from llt.cli import main
+from llt.config import load_config
+from llt.reporting.listing import list_runs
+from llt.runs import RunDir, run_name
 
 STREAM = ["run", "--preset", "demo", "--set", "run.method=stream", "--quiet"]
 
@@ -18,29 +24,76 @@ def first_run(tmp_path):
     return rd
 
 
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_run_directory_in_use_is_refused(tmp_path, capsys):
     rd = first_run(tmp_path)
-    (rd / "lock").write_text(json.dumps({"host": platform.node(), "pid": os.getpid(), "since": 0}))
-    assert main([*STREAM, "--out", str(tmp_path)]) == 2
-    assert f"is in use by process {os.getpid()}" in capsys.readouterr().err
-    assert (rd / "lock").is_file()                      # the owner's lock is left alone
+    with RunDir(rd).lock():                 # an OS lock: a second open file description cannot take it
+        before = snapshot(rd)
+        assert list_runs(tmp_path)[0]["state"].startswith(f"running (process {os.getpid()}")
+        assert main([*STREAM, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by process {os.getpid()} on host {platform.node()}" in err and len(err.splitlines()) == 1
+        assert snapshot(rd) == before       # nothing written, the owner's note left alone
+    assert not (rd / "lock").exists()       # released: the owner note goes, the run is usable again
+    assert main([*STREAM, "--out", str(tmp_path)]) == 0
 
 
-def test_a_stale_lock_is_taken_over_and_released(tmp_path, capsys):
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path, capsys):
     rd = first_run(tmp_path)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (rd / "lock").write_text(json.dumps({"host": platform.node(), "pid": dead.pid, "since": 0}))
+    (rd / "lock").write_text(json.dumps({"host": platform.node(), "pid": dead.pid, "since": 0, "command": "llt run"}))
     assert main([*STREAM, "--out", str(tmp_path)]) == 0
-    assert f"removing a stale lock of process {dead.pid}" in capsys.readouterr().err
+    assert f"taking over {rd.name} from process {dead.pid}" in capsys.readouterr().err
     assert not (rd / "lock").exists()
 
 
-def test_a_lock_from_another_host_is_not_guessed_at(tmp_path, capsys):
+def test_a_note_from_another_host_does_not_block_when_nobody_holds_the_lock(tmp_path, capsys):
+    # The OS lock is the truth: a process on another host that still ran would hold it (on a file
+    # system with working locks); an owner note alone is what a crashed machine leaves behind.
     rd = first_run(tmp_path)
     (rd / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
-    assert main([*STREAM, "--out", str(tmp_path)]) == 2
-    assert "locked by process 1 on host elsewhere" in capsys.readouterr().err
+    assert main([*STREAM, "--out", str(tmp_path)]) == 0
+    assert "from process 1 on host elsewhere" in capsys.readouterr().err
+
+
+RACE = ["run", "--preset", "demo", "--set", "run.method=cil", "--set", "data.num_tasks=2", "--set", "train.epochs=3",
+        "--set", "model.width=4", "--set", "data.exemplars_per_class=3", "--quiet"]
+
+
+def test_processes_that_start_the_same_run_at_once_train_it_once(tmp_path):
+    """Four processes start the same run within a millisecond of each other, on a run directory holding a
+    lock note of a dead process (the case where two processes could both take a stale lock): exactly one
+    trains; the others stop at once with one line naming it; the run's files are whole."""
+    out = tmp_path / "runs"
+    rd = out / run_name(load_config("demo", [a for a in RACE[4::2] if "=" in a]), "demo")
+    rd.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (rd / "lock").write_text(json.dumps({"host": platform.node(), "pid": dead.pid, "since": 0}))
+    start = time.time() + 4                 # after every process has imported torch and llt
+    code = ("import sys, time; from llt.cli import main; t = float(sys.argv[1]); "
+            "time.sleep(max(0.0, t - time.time())); sys.exit(main(sys.argv[2:]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), *RACE, "--out", str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=240), p.stdout.read(), p.stderr.read(), p.pid) for p in procs]
+    winners = [r for r in results if r[0] == 0]
+    assert len(winners) == 1, [(r[0], r[2][-300:]) for r in results]
+    winner = winners[0]
+    assert "task 2/2" in winner[1] and "finished before" not in winner[1]
+    for rc, stdout, stderr, _ in (r for r in results if r is not winner):
+        assert rc == 2 and "task 1/2" not in stdout
+        assert stderr.count("\n") == 1 and f"is in use by process {winner[3]} on host" in stderr, stderr
+    assert [d.name for d in out.iterdir()] == [rd.name]
+    records = [json.loads(line) for line in (rd / "records.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records if r["event"] == "task"] == [1, 2]       # trained once
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["num_tasks"] == 2 and not (rd / "lock").exists()
+    assert not any(p.name.endswith(".tmp") for p in rd.rglob("*"))
 
 
 def test_a_run_directory_of_another_format_is_refused(tmp_path, capsys):

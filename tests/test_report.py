@@ -24,7 +24,7 @@ def make_run(root, name, method, seed, R, remaining, masks=None):
     for t, mask in enumerate(masks or [], 1):
         mask.save(rd.file(f"masks/task{t}.pt"))
         rd.record("ticket", task=t, per_layer_density=mask.per_layer_density())
-    rd.write_json("summary.json", build_summary(method, "cifar10", seed, R, remaining))
+    rd.write_json("summary.json", build_summary(method, "cifar10", seed, R, [r / 100 for r in remaining]))
     return rd.path
 
 

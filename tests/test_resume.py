@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from llt.reporting.listing import list_runs
-from llt.runs import load_checkpoint
+from llt.storage import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_AT = REPO / "tests" / "kill_at.py"
@@ -94,7 +94,7 @@ def test_bottom_up_killed_at_four_points_resumes_to_the_uninterrupted_result(ref
     #    right after the pruning (nothing of the level written yet)
     p = llt("prune", "1", "resume", str(rd), "--quiet", grow=True)
     assert killed(p), p.stderr
-    assert "removing a stale lock" in p.stderr
+    assert "taking over" in p.stderr and "which stopped without releasing it" in p.stderr
     assert "task 1/2 reference: continuing after epoch 2 of 3" in p.stdout
     assert (rd / "stages/ref1.done").is_file() and not (rd / "stages/task1-level1.done").exists()
     assert not (rd / "checkpoints/epoch").exists()          # the finished stage took its epoch checkpoint along
@@ -185,7 +185,7 @@ def test_resume_of_a_finished_run_checks_every_stage_and_changes_nothing(dense_r
     ("no-run", "is not an llt run directory (no manifest.json)"),
     ("manifest-json", "manifest.json: not a valid llt manifest"),
     ("manifest-schema", "manifest.json: not a valid llt manifest"),
-    ("format", "was written by run-directory format 0; this llt writes format 1"),
+    ("format", "was written by run-directory format 0; this llt writes format 2"),
     ("truncated", "checkpoints/task1.pt: not a valid llt checkpoint"),
     ("code", "checkpoints/task1.pt: not a valid llt checkpoint (UnpicklingError"),
     ("retrain-json", "retrain.json: not a valid re-training record"),

@@ -10,8 +10,8 @@ import torch
 from conftest import Evil
 from llt.config import RunConfig
 from llt.errors import LLTError
-from llt.runs import (RunDir, atomic_write_json, build_summary, check_summary, config_hash, load_checkpoint,
-                      run_name, save_checkpoint)
+from llt.runs import RunDir, build_summary, check_summary, config_hash, run_name
+from llt.storage import atomic_write_json, load_checkpoint, save_checkpoint
 
 
 def test_atomic_write_failure_keeps_the_old_file_and_no_temporaries(tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temporaries(tmp_path, mo
 
 
 def test_a_checkpoint_write_that_fails_halfway_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    import llt.runs
+    import llt.storage
 
     save_checkpoint(tmp_path / "c.pt", {"w": torch.ones(10)}, {"v": 1})
     real = torch.save
@@ -41,10 +41,10 @@ def test_a_checkpoint_write_that_fails_halfway_keeps_the_old_checkpoint(tmp_path
             fh.truncate(os.path.getsize(f) // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(llt.runs.torch, "save", half_then_fail)
+    monkeypatch.setattr(llt.storage.torch, "save", half_then_fail)
     with pytest.raises(OSError):
         save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(10)}, {"v": 2})
-    monkeypatch.setattr(llt.runs.torch, "save", real)
+    monkeypatch.setattr(llt.storage.torch, "save", real)
     state, meta = load_checkpoint(tmp_path / "c.pt")
     assert meta == {"v": 1} and torch.equal(state["w"], torch.ones(10))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
@@ -111,9 +111,10 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
 
 
 def test_summary_from_a_hand_made_matrix():
-    s = build_summary("bu", "cifar10", 3, [[90], [80, 70]], [2.81, 3.11], extra_field=1)
+    s = build_summary("bu", "cifar10", 3, [[90], [80, 70]], [0.0281, 0.0311], extra_field=1)
     assert s["sa"] == [90.0, 75.0] and s["forgetting"] == [None, 10.0] and s["final_sa"] == 75.0
-    assert s["remaining_weights"] == [2.81, 3.11] and s["num_tasks"] == 2 and s["extra_field"] == 1
+    assert s["density"] == [0.0281, 0.0311] and s["remaining_weights"] == pytest.approx([2.81, 3.11])
+    assert s["num_tasks"] == 2 and s["extra_field"] == 1
     assert check_summary(json.loads(json.dumps(s)), "summary.json")["seed"] == 3
     with pytest.raises(LLTError, match="missing accuracy_matrix"):
         check_summary({k: v for k, v in s.items() if k != "accuracy_matrix"}, "summary.json")

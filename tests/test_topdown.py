@@ -11,8 +11,8 @@ from llt.config import PruneSection
 from llt.errors import LLTError
 from llt.models import build_model
 from llt.pruning import Mask, global_magnitude_prune, prune_count
-from llt.pruning.topdown import rewind_state, schedule_fractions
-from llt.runs import load_checkpoint
+from llt.methods.topdown import rewind_state, schedule_fractions
+from llt.storage import load_checkpoint
 from llt.trainer import Trainer
 
 FAST = ["--set", "run.method=td", "--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",

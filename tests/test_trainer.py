@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from llt.data.augment import Normalizer, make_generator
 from llt.losses import balanced_coefficients, balanced_sizes, distillation
 from llt.models import build_model
+from llt.pruning import Mask
 from llt.trainer import Cycler, NonFiniteLoss, Schedule, TaskData, Trainer
 
 
@@ -153,10 +154,12 @@ def test_fit_task_keeps_the_best_validation_epoch_and_reports_history():
 
 def test_mask_keeps_pruned_weights_at_zero():
     model = make(0)
-    mask = {"layer1.0.conv1.weight": torch.rand(model.layer1[0].conv1.weight.shape) > 0.5}
-    trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"), mask=mask)
+    mask = Mask({**Mask.ones(model).masks,
+                 "layer1.0.conv1.weight": torch.rand(model.layer1[0].conv1.weight.shape) > 0.5})
+    trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
     before = model.layer1[0].conv1.weight.detach().clone()
-    trainer.fit_task(0, tiny_task_data(0), Schedule(epochs=2, lr=0.1, batch_size=8), make_generator(0, "cpu"))
+    trainer.fit_task(0, tiny_task_data(0), Schedule(epochs=2, lr=0.1, batch_size=8), make_generator(0, "cpu"),
+                     mask=mask)
     w = model.layer1[0].conv1.weight.detach()
     assert torch.all(w[~mask["layer1.0.conv1.weight"]] == 0)
     assert not torch.equal(w[mask["layer1.0.conv1.weight"]], before[mask["layer1.0.conv1.weight"]])

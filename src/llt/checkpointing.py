@@ -5,8 +5,8 @@ in progress, so that an interruption (SIGKILL, a lost machine, a full disk) cost
 the last checkpoint. It holds everything the rest of the training reads:
 
     model           state_dict after the epoch (masked weights are zero in it)
-    optimizer       SGD state_dict (momentum buffers, learning rate)
-    scheduler       MultiStepLR state_dict
+    optimizer       SGD state_dict (momentum buffers); the learning rate is a function of the epoch
+                    (llt.trainer.learning_rate), so there is no scheduler state to keep
     best            the best-validation state so far, its epoch and accuracy, the per-epoch history
     generators      the training generator (batch order, augmentation), the state of each endless
                     sub-batch cycler (its current permutation and position), torch's global CPU/CUDA RNG
@@ -27,7 +27,6 @@ for `llt list`) until the stage that contains it finishes
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llt import runs
+from llt import storage
 from llt.errors import LLTError
 
 KIND = "llt-epoch-checkpoint"
@@ -83,22 +82,6 @@ def _clone(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_clone(v) for v in obj)
     return obj
-
-
-def scheduler_state(sched) -> dict:
-    """MultiStepLR's state_dict with its Counter of milestones as a plain dict (loadable with weights_only
-    on every torch version)."""
-    sd = dict(sched.state_dict())
-    if isinstance(sd.get("milestones"), collections.Counter):
-        sd["milestones"] = dict(sd["milestones"])
-    return sd
-
-
-def load_scheduler_state(sched, sd: dict) -> None:
-    sd = dict(sd)
-    if isinstance(sd.get("milestones"), dict):
-        sd["milestones"] = collections.Counter(sd["milestones"])
-    sched.load_state_dict(sd)
 
 
 class EpochCheckpoint:
@@ -237,10 +220,10 @@ class EpochCheckpoint:
         if event is not None:
             event.synchronize()
         meta = {"kind": KIND, "key": self.key, "epoch": epoch, "identity": self.identity,
-                "format_version": runs.FORMAT_VERSION, "time": round(time.time(), 3)}
-        runs.atomic_torch_save(self.path, {**_to_cpu(snap), "meta": json.dumps(meta)})
+                "time": round(time.time(), 3)}
+        storage.atomic_torch_save(self.path, {**_to_cpu(snap), "meta": json.dumps(meta)})
         # a small note beside it, so `llt list` can say where a run stopped without reading the checkpoint
-        runs.atomic_write_json(self.path.with_suffix(".json"), {"key": self.key, "epoch": epoch,
+        storage.atomic_write_json(self.path.with_suffix(".json"), {"key": self.key, "epoch": epoch,
                                                                 "epochs": self.identity.get("epochs")})
         self.stats["writes"] += 1
         self.stats["bytes"] = self.path.stat().st_size

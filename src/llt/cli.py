@@ -71,11 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense", dest="which", action="store_const", const="dense",
                    help="the dense reference of a Bottom-Up run")
 
-    p = sub.add_parser("retrain", help="re-train the tickets of a finished Bottom-Up run in isolation (TR-BU)")
-    p.add_argument("run_dir", help="a finished Bottom-Up run directory")
+    p = sub.add_parser("retrain", help="re-train the masks of a finished ticket run in isolation: TR-BU and the "
+                                       "lottery controls (random masks, random initialisation)")
+    p.add_argument("run_dir", help="a finished Bottom-Up or Top-Down run directory")
     p.add_argument("--init", default="original", choices=("original", "reference", "random"),
-                   help="initialisation: the run's theta_0 (default), the previous task's dense reference, or random")
-    p.add_argument("--out", help="folder for the new run directory (default: beside the Bottom-Up run)")
+                   help="initialisation: the run's theta_0 (default), the previous task's dense reference (Bottom-Up "
+                        "only), or random")
+    p.add_argument("--mask", default="ticket", choices=("ticket", "random", "layerwise-random"),
+                   help="the run's tickets (default), or random masks with the tickets' kept count overall (random) "
+                        "or per layer (layerwise-random), nested across tasks like the tickets")
+    p.add_argument("--out", help="folder for the new run directory (default: beside the source run)")
     p.add_argument("--data-dir", help="the data folder, if it moved since the run")
     _add_progress_args(p)
 
@@ -142,19 +147,19 @@ def cmd_data_info(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from llt.pipeline import run
+    from llt.methods.driver import run
 
     return run(load_config(args.preset, _overrides(args)), args.preset, progress=args.progress)
 
 
 def cmd_resume(args) -> int:
-    from llt.pipeline import resume
+    from llt.methods.driver import resume
 
     return resume(args.run_dir, args.data_dir, progress=args.progress)
 
 
 def cmd_eval(args) -> int:
-    from llt.pipeline import evaluate_run
+    from llt.methods.driver import evaluate_run
 
     evaluate_run(args.run_dir, args.task, args.data_dir, args.which)
     return 0
@@ -177,9 +182,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from llt.pruning.retrain import run_retrain
+    from llt.methods.retrain import run_retrain
 
-    run_retrain(args.run_dir, args.init, args.out, args.data_dir, args.progress)
+    run_retrain(args.run_dir, args.init, args.mask, args.out, args.data_dir, args.progress)
     return 0
 
 

@@ -111,6 +111,9 @@ class PruneSection:
     td_densities: Optional[tuple[float, ...]] = _f(None, "Top-Down: target density after each task, in (0, 1] (instead of td_rounds)")
     rewind: str = _f("zero", "Top-Down rewinding of conv weights", ("zero", "best", "rand", "finetune"))
     full_rewind: bool = _f(False, "Top-Down: rewind BatchNorm and heads too, not only conv weights")
+    td_teacher: str = _f("ticket", "Top-Down: the teacher of task t+1. 'ticket': the ticket T1~t re-trained on task t; "
+                         "'original': the model trained on task t under the previous mask (for task 2 the dense "
+                         "task-1 model), as the original's main_TD.py", ("ticket", "original"))
     deacc: float = _f(2.0, "Bottom-Up: largest tolerated accuracy drop (points) while pruning")
     accept_decay: float = _f(1.0, "Bottom-Up: accept the ticket when dense SA minus ticket SA is below this (points)")
     base_sparsity: float = _f(90.0, "Bottom-Up: pruning may not stop for accuracy before this sparsity (percent)")

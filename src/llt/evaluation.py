@@ -1,4 +1,5 @@
-"""Task-agnostic evaluation: one row of the accuracy matrix after learning tasks 0..t.
+"""Task-agnostic evaluation: one row of the accuracy matrix after learning tasks 0..t (test split), or the
+same on the validation split for decisions.
 
 The balanced (main) branch predicts over the concatenated logits of heads 1..t+1, i.e. over every class
 seen so far (never over future heads: the original's test.py wrongly scored all heads). Accuracy is
@@ -12,7 +13,6 @@ from contextlib import nullcontext
 import torch
 
 from llt.data.augment import Normalizer
-from llt.data.stream import Stream
 from llt.metrics import per_class_accuracy
 
 
@@ -35,14 +35,19 @@ def predict(model, images: torch.Tensor, num_heads: int, normalizer: Normalizer,
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
 
 
-def task_accuracies(model, images: torch.Tensor, labels: torch.Tensor, index_sets: list[torch.Tensor],
-                    normalizer: Normalizer, batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Accuracy (percent) on each index set, predicting over the heads of len(index_sets) tasks.
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, index_sets: list[torch.Tensor],
+             normalizer: Normalizer, batch_size: int = 1024, autocast_dtype: torch.dtype | None = None,
+             num_heads: int | None = None) -> dict:
+    """THE accuracy function: the balanced branch's accuracy (percent) on each index set into
+    `images`/`labels`, predicting over heads 1..num_heads (default: one head per index set, so that after
+    tasks 0..t the sets of tasks 0..t score over exactly the classes seen so far).
 
-    Returns {"row": [acc per set], "overall": percent over the union, "per_class": percent per label}.
+    Returns {"row": [percent per set], "overall": percent over their union, "per_class": percent per label
+    0..num_heads*C-1}. An empty set scores 0.
     """
-    idx = torch.cat(index_sets)
-    preds = predict(model, images[idx.to(images.device)], len(index_sets), normalizer, batch_size,
+    num_heads = len(index_sets) if num_heads is None else num_heads
+    idx = torch.cat(index_sets) if index_sets else torch.empty(0, dtype=torch.int64)
+    preds = predict(model, images[idx.to(images.device)], num_heads, normalizer, batch_size,
                     autocast_dtype=autocast_dtype)
     y = labels[idx.to(labels.device)].cpu()
     row, start = [], 0
@@ -50,17 +55,5 @@ def task_accuracies(model, images: torch.Tensor, labels: torch.Tensor, index_set
         n = s.numel()
         row.append(100.0 * float((preds[start:start + n] == y[start:start + n]).float().mean()) if n else 0.0)
         start += n
-    num_classes = len(index_sets) * model.classes_per_task
     return {"row": row, "overall": 100.0 * float((preds == y).float().mean()) if y.numel() else 0.0,
-            "per_class": per_class_accuracy(preds.tolist(), y.tolist(), num_classes)}
-
-
-def evaluate_seen_tasks(model, test_images: torch.Tensor, stream: Stream, t: int, normalizer: Normalizer,
-                        batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Accuracy-matrix row t (percent per seen task), overall accuracy and per-class accuracy on the test set.
-
-    Returns {"row": [R[t][0], ..., R[t][t]], "overall": percent over all seen test images,
-    "per_class": percent per remapped label 0..seen-1}.
-    """
-    return task_accuracies(model, test_images, stream.test_labels, [task.test_idx for task in stream.tasks[: t + 1]],
-                           normalizer, batch_size, autocast_dtype)
+            "per_class": per_class_accuracy(preds.tolist(), y.tolist(), num_heads * model.classes_per_task)}

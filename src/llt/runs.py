@@ -9,14 +9,17 @@ while a run directory moved to another folder is still recognised). It holds:
     records.jsonl     one JSON object per event (time stamped)
     stream.pt         the stream's index sets (torch.load(weights_only=True))
     stages/<name>.done  written last when a stage finishes; a rerun skips finished stages
+    .lock, lock       the OS lock of the process using the directory, and its owner (see RunLock)
     summary.json      when a run ends: method, dataset, num_tasks, seed, accuracy matrix, SA, ...
 
-Every file is written to a temporary name in the same folder, flushed to disk, then renamed, so a crash
-never leaves a truncated file under the final name.
+Every file goes through llt.storage (temporary name, fsync, rename), so a crash never leaves a truncated
+file under the final name.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -28,16 +31,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from llt import __version__
+from llt import __version__, storage
 from llt.config import RunConfig, dump_yaml, to_tree
 from llt.errors import LLTError
 from llt.metrics import summarize
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: stage metadata hold densities in [0, 1]; OS-level run lock
 SUMMARY_KEYS = ("method", "dataset", "num_tasks", "seed", "accuracy_matrix", "sa", "remaining_weights", "forgetting")
 
 
@@ -59,84 +61,6 @@ def run_name(cfg: RunConfig, preset: str | None = None) -> str:
                                                 cfg.data.dataset, f"s{cfg.run.seed}") if x)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "run"
     return f"{slug}-{config_hash(cfg)}"
-
-
-# ------------------------------------------------------------------------------------------ atomic I/O
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` fills a temporary file beside `path`; it is fsynced and renamed over `path`, then the
-    folder is fsynced. On any failure the temporary is removed and `path` keeps its old content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file, fsync, rename, fsync of the folder."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic_write(path, write)
-
-
-def atomic_torch_save(path: str | Path, obj) -> None:
-    """torch.save `obj` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
-
-    torch.save writes a file path from C++ without holding Python's GIL for the data, unlike saving into
-    an in-memory buffer first: a background writer (llt.checkpointing) then barely slows the training
-    thread, and no second copy of a large checkpoint is made in host memory."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
-
-
-def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None) -> None:
-    """A checkpoint is {'state': tensors, 'meta': JSON text}: loadable with torch.load(weights_only=True)."""
-    atomic_torch_save(path, {"state": state_dict, "meta": json.dumps(meta or {})})
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
-    """(state_dict, meta) of a checkpoint written by save_checkpoint; never unpickles code."""
-    path = Path(path)
-    if not path.is_file():
-        raise LLTError(f"missing checkpoint {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or malicious files
-        raise LLTError(f"{path}: not a valid llt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(obj, dict) or "state" not in obj or "meta" not in obj:
-        raise LLTError(f"{path}: not an llt checkpoint (expected keys 'state' and 'meta')")
-    return obj["state"], json.loads(obj["meta"])
 
 
 # ------------------------------------------------------------------------------------------ run folder
@@ -197,10 +121,10 @@ class RunDir:
         return self.path / name
 
     def write_json(self, name: str, obj) -> None:
-        atomic_write_json(self.file(name), obj)
+        storage.atomic_write_json(self.file(name), obj)
 
     def write_text(self, name: str, text: str) -> None:
-        atomic_write_bytes(self.file(name), text.encode())
+        storage.atomic_write_bytes(self.file(name), text.encode())
 
     def record(self, event: str, **fields) -> None:
         """Append one JSON line to records.jsonl (a single write of one line). A line torn by a crash is
@@ -223,7 +147,7 @@ class RunDir:
     # lock
     def lock(self) -> "RunLock":
         """Exclusive use of this run directory (a context manager); see RunLock."""
-        return RunLock(self.file("lock"))
+        return RunLock(self.path)
 
     # stages
     def stage_done(self, stage: str) -> bool:
@@ -258,68 +182,107 @@ def read_records(path: Path) -> list[dict]:
 
 
 class RunLock:
-    """A lock file holding the owner's host and pid, created with O_EXCL.
+    """Exclusive use of a run directory through an OS lock: fcntl.flock on `<run>/.lock`.
 
-    A second process that finds a lock whose owner is alive on this host stops with a clear error; a lock
-    whose owner is gone (a crash, SIGKILL) is stale and taken over, with a note. Released on exit.
+    The kernel releases the lock when its process ends in any way (exit, Ctrl-C, SIGKILL, a crash), so there
+    is no stale lock to guess at and no window in which two processes that both found one could both take
+    it. The owner (host, pid, command, since) is written to `<run>/lock` once the lock is held and removed
+    when it is released; it only serves the message a second process prints. A `lock` file left by a
+    process that died is noted and replaced. The lock file `.lock` itself stays (removing a locked file
+    would let a third process lock a new file of the same name).
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.lock_path, self.owner_path = self.folder / ".lock", self.folder / "lock"
+        self._fd: int | None = None
 
-    def _owner(self) -> dict:
+    def owner(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            obj = json.loads(self.owner_path.read_text())
+            return obj if isinstance(obj, dict) else {}
         except (OSError, json.JSONDecodeError):
             return {}
 
     @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    def describe(owner: dict) -> str:
+        if not owner:
+            return "another process"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
+        return (f"process {owner.get('pid')} on host {owner.get('host')} (since {since}: "
+                f"{str(owner.get('command', ''))[:120]})")
 
     def __enter__(self) -> "RunLock":
-        me = {"host": platform.node(), "pid": os.getpid(), "since": round(time.time(), 3)}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                same_host = owner.get("host") == me["host"]
-                if same_host and isinstance(owner.get("pid"), int) and self._alive(owner["pid"]):
-                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
-                    raise LLTError(f"{self.path.parent} is in use by process {owner['pid']} (since {since}); "
-                                   f"wait for it to finish or stop it") from None
-                if not same_host and owner:
-                    raise LLTError(f"{self.path.parent} is locked by process {owner.get('pid')} on host "
-                                   f"{owner.get('host')}; if that run is gone, delete {self.path}") from None
-                print(f"[llt] note: removing a stale lock of process {owner.get('pid')} (no longer running)",
-                      file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me))
-            return self
-        raise LLTError(f"could not lock {self.path.parent}")
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LLTError(f"cannot lock {self.folder}: {e.strerror or e}") from None
+            owner = {}
+            for _ in range(40):         # the holder writes its name just after taking the lock
+                owner = self.owner()
+                if owner:
+                    break
+                time.sleep(0.05)
+            raise LLTError(f"{self.folder} is in use by {self.describe(owner)}; wait for it to finish or "
+                           f"stop it") from None
+        self._fd = fd
+        try:
+            previous = self.owner()
+            if previous:
+                print(f"[llt] note: taking over {self.folder.name} from {self.describe(previous)}, which stopped "
+                      f"without releasing it", file=sys.stderr)
+            storage.atomic_write_json(self.owner_path, {"host": platform.node(), "pid": os.getpid(),
+                                                "since": round(time.time(), 3), "command": " ".join(sys.argv)})
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
     def __exit__(self, *exc) -> None:
-        if self._owner().get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
+        try:
+            if self.owner().get("pid") == os.getpid():
+                self.owner_path.unlink(missing_ok=True)
+        finally:
+            self._release()
 
 
-def build_summary(method: str, dataset: str, seed: int, accuracy_matrix, remaining_weights, **extra) -> dict:
-    """summary.json content: identity, the accuracy matrix (test, percent, R[t][i] for i <= t) and metrics."""
+def lock_held(folder: Path) -> bool:
+    """True when a process holds the run directory's lock now (tried without taking it)."""
+    path = Path(folder) / ".lock"
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def build_summary(method: str, dataset: str, seed: int, accuracy_matrix, densities, **extra) -> dict:
+    """summary.json content: identity, the accuracy matrix (test, percent, R[t][i] for i <= t) and metrics.
+    `densities` (kept fraction of the conv weights after each task, in [0, 1]) are also given as
+    `remaining_weights` in percent, the figure the paper reports."""
     R = [[round(float(v), 4) for v in row] for row in accuracy_matrix]
     m = summarize(R)
-    if len(remaining_weights) != len(R):
-        raise ValueError("remaining_weights needs one value per task")
+    if len(densities) != len(R):
+        raise ValueError("densities needs one value per task")
     return {"format_version": FORMAT_VERSION, "method": method, "dataset": dataset, "num_tasks": len(R),
-            "seed": seed, "accuracy_matrix": R, "sa": m["sa"], "remaining_weights": [float(x) for x in remaining_weights],
+            "seed": seed, "accuracy_matrix": R, "sa": m["sa"], "density": [float(d) for d in densities],
+            "remaining_weights": [100.0 * float(d) for d in densities],
             "forgetting": m["forgetting"], "average_incremental_accuracy": m["average_incremental_accuracy"],
             "backward_transfer": m["backward_transfer"], "final_sa": m["sa"][-1],
             "final_forgetting": m["forgetting"][-1], **extra}

@@ -13,12 +13,14 @@ concatenated and go through the backbone once, with BatchNorm statistics compute
 running statistics updated once per original pass, in the original order (the unlabeled images twice, the
 task-1 batch twice). Loss and gradients equal the five-pass step; tests/test_trainer.py checks it.
 
-The trainer knows nothing of tickets: an optional `mask` (conv weight name -> bool tensor) is enforced by
-zeroing masked gradients before each step and masked weights after it.
+The trainer knows nothing of tickets: the `mask` argument of `fit_task` (a Mask, checked against the
+model) is enforced by zeroing masked gradients before each step and masked weights after it. The learning
+rate is a function of the epoch (`learning_rate`), so a resumed training needs no scheduler state.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import time
@@ -29,11 +31,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llt.checkpointing import EpochCheckpoint, load_scheduler_state, require_state, scheduler_state
+from llt.checkpointing import EpochCheckpoint, require_state
 from llt.data.augment import Normalizer, crop_flip
 from llt.errors import LLTError
-from llt.evaluation import predict
+from llt.evaluation import accuracy
 from llt.losses import balanced_coefficients, balanced_sizes, distillation
+from llt.pruning.mask import Mask
 from llt.teaching import TeachingSet
 
 
@@ -65,6 +68,12 @@ class Schedule:
     weight_decay: float = 5e-4
     batch_size: int = 256
     temperature: float = 2.0
+
+
+def learning_rate(s: Schedule, epoch: int) -> float:
+    """The learning rate of (1-based) `epoch`: lr * gamma ** (milestones passed), as MultiStepLR gives when
+    stepped once per epoch (milestone 60: epochs 1-60 at lr, 61-80 at lr * gamma, ...)."""
+    return s.lr * s.gamma ** bisect.bisect_right(sorted(s.milestones), epoch - 1)
 
 
 @dataclass
@@ -102,9 +111,9 @@ def clone_state(model: torch.nn.Module) -> dict:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, normalizer: Normalizer, autocast_dtype: torch.dtype | None = None,
-                 mask: dict | None = None, eval_batch_size: int = 1024, compile: bool = False):
+                 eval_batch_size: int = 1024, compile: bool = False):
         self.model, self.norm, self.gen = model, normalizer, None
-        self.autocast_dtype, self.mask, self.eval_batch_size = autocast_dtype, mask, eval_batch_size
+        self.autocast_dtype, self.eval_batch_size = autocast_dtype, eval_batch_size
         self.device = next(model.parameters()).device
         # Forward + loss (and, through AOTAutograd, the backward) compiled; the optimizer step stays eager.
         # Compiled and eager agree to float rounding, BatchNorm running statistics included.
@@ -143,10 +152,13 @@ class Trainer:
         return loss
 
     # ------------------------------------------------------------------------------------------- steps
-    def _bind_mask(self) -> None:
+    def _bind_mask(self, mask: Mask | None) -> None:
         """Resolve the mask to (parameter, keep) pairs once per task (not on every step)."""
+        if mask is not None:
+            mask.check_fits(self.model, "the training's mask")
         params = dict(self.model.named_parameters())
-        pairs = [(params[name], keep.to(params[name].dtype)) for name, keep in (self.mask or {}).items()]
+        pairs = [(params[name], keep.to(params[name].device, params[name].dtype))
+                 for name, keep in ({} if mask is None else mask.masks).items()]
         self._masked_params = [p for p, _ in pairs]
         self._mask_values = [k for _, k in pairs]
 
@@ -208,19 +220,19 @@ class Trainer:
 
     def validate(self, data: TaskData, num_heads: int) -> float:
         """Accuracy (percent) on data.val_idx over heads 1..num_heads: what selects the best epoch."""
-        if data.val_idx.numel() == 0:
-            return 0.0
         images = data.images if data.val_images is None else data.val_images
         labels = data.labels if data.val_labels is None else data.val_labels
-        preds = predict(self.model, images[data.val_idx], num_heads, self.norm, self.eval_batch_size,
-                        autocast_dtype=self.autocast_dtype)
-        return 100.0 * float((preds == labels[data.val_idx].cpu()).float().mean())
+        return accuracy(self.model, images, labels, [data.val_idx], self.norm, self.eval_batch_size,
+                        self.autocast_dtype, num_heads=num_heads)["overall"]
 
     # ------------------------------------------------------------------------------------------- fit
-    def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator,
+    def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator, mask: Mask | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, checkpoint: EpochCheckpoint | None = None,
                  resume: dict | None = None) -> TaskResult:
         """Train task k (0-based) for s.epochs; keep the state with the best validation accuracy.
+
+        `mask` (None: dense) must cover exactly the model's conv weights (LLTError otherwise); its pruned
+        weights are zero when training starts and stay exactly zero.
 
         `generator` drives every random choice (batch order, augmentation); giving each task its own
         seeded generator makes a run resumed at a task boundary identical to an uninterrupted one.
@@ -231,10 +243,9 @@ class Trainer:
         self.gen = generator
         model = self.model
         model.train()
-        self._bind_mask()
+        self._bind_mask(mask)
         self._apply_mask_to_weights()
         opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(s.milestones), gamma=s.gamma)
         cyclers = {}
         if k > 0:
             n_new, n_old = balanced_sizes(s.batch_size // 4, k)
@@ -249,15 +260,16 @@ class Trainer:
         best_val, best_epoch, best_state, history = -1.0, 0, None, []
         first = 1
         if resume is not None:
-            first, best_val, best_epoch, best_state, history = self._restore(resume, opt, sched, cyclers)
+            first, best_val, best_epoch, best_state, history = self._restore(resume, opt, cyclers)
         for epoch in range(first, s.epochs + 1):
             t0 = time.perf_counter()
-            lr = opt.param_groups[0]["lr"]
+            lr = learning_rate(s, epoch)
+            for group in opt.param_groups:
+                group["lr"] = lr
             if k == 0:
                 total, steps = self._epoch_first(opt, data, s)
             else:
                 total, steps = self._epoch_distill(k, opt, data, s, cyclers)
-            sched.step()
             loss = float(total) / max(steps, 1)      # one host sync per epoch
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {loss} in task {k + 1}, epoch {epoch}; stopping "
@@ -271,7 +283,7 @@ class Trainer:
             if checkpoint is not None and checkpoint.due(epoch, s.epochs):
                 t1 = time.perf_counter()
                 checkpoint.save(epoch, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler_state(sched),
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "generator": self.gen.get_state(), "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0),
                     "cyclers": {name: {"order": c.order, "pos": c.pos} for name, c in cyclers.items()},
@@ -284,17 +296,16 @@ class Trainer:
         return TaskResult(best_state=best_state, best_epoch=best_epoch, best_val=best_val,
                           last_state=clone_state(model), history=history)
 
-    def _restore(self, st: dict, opt, sched, cyclers: dict) -> tuple:
+    def _restore(self, st: dict, opt, cyclers: dict) -> tuple:
         """Load a training state written by fit_task; returns (first epoch to run, best_val, best_epoch,
         best_state, history)."""
-        require_state(st, ("model", "optimizer", "scheduler", "generator", "rng_cpu", "cyclers", "progress",
+        require_state(st, ("model", "optimizer", "generator", "rng_cpu", "cyclers", "progress",
                            "best_state"), "epoch checkpoint")
         if set(st["cyclers"]) != set(cyclers):
             raise LLTError(f"epoch checkpoint: sub-batch streams {sorted(st['cyclers'])} do not match this "
                            f"training's {sorted(cyclers)}")
         self.model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        load_scheduler_state(sched, st["scheduler"])
         self.gen.set_state(st["generator"])
         torch.set_rng_state(st["rng_cpu"])
         if self.device.type == "cuda" and st["rng_cuda"].numel():

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from llt.data.dataset import ImageDataset, warn
-from llt.data.files import (atomic_save_npz, cache_root, download, download_allowed, md5_file, safe_extract,
+from llt.data.files import (cache_root, download, download_allowed, md5_file, safe_extract,
                             safe_unpickle, source_fingerprint)
 from llt.errors import LLTError
+from llt.storage import atomic_save_npz
 
 
 @dataclass(frozen=True)

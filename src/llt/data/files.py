@@ -186,16 +186,3 @@ def cache_root(cache_dir: str = "") -> Path:
 
 def download_allowed(flag: bool) -> bool:
     return flag or os.environ.get("LLT_DOWNLOAD", "").lower() in ("1", "true", "yes")
-
-
-def atomic_save_npz(path: Path, **arrays) -> None:
-    """Write an uncompressed .npz atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from llt.data.dataset import ImageDataset
-from llt.data.files import atomic_save_npz, cache_root, sha256_bytes, source_fingerprint
+from llt.data.files import cache_root, sha256_bytes, source_fingerprint
 from llt.errors import LLTError
+from llt.storage import atomic_save_npz
 
 FOLDER = "tiny-imagenet-200"
 MEAN = (0.4802, 0.4481, 0.3975)

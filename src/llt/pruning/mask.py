@@ -14,7 +14,7 @@ import torch
 
 from llt.errors import LLTError
 from llt.models import conv_weight_names
-from llt.runs import load_checkpoint, save_checkpoint
+from llt.storage import load_checkpoint, save_checkpoint
 
 
 class Mask:

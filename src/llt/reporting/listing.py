@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from llt.errors import LLTError
+from llt.runs import RunLock, lock_held
 
 
 def run_state(path: Path) -> dict:
@@ -25,6 +26,10 @@ def run_state(path: Path) -> dict:
                     "remaining": s.get("remaining_weights", [None])[-1]}
         except json.JSONDecodeError:
             return {**row, "state": "unreadable summary", "final_sa": None}
+    if lock_held(path):
+        owner = RunLock(path).owner()
+        return {**row, "state": f"running (process {owner.get('pid', '?')} on {owner.get('host', '?')})",
+                "final_sa": None}
     markers = sorted((path / "stages").glob("*.done"), key=lambda p: p.stat().st_mtime) if (path / "stages").is_dir() else []
     state = f"interrupted after {markers[-1].stem}" if markers else "not started"
     training = _training_in_progress(path)

@@ -1,0 +1,106 @@
+"""Atomic file writes and weights-only checkpoints: the one way llt puts anything on disk.
+
+Every file is written to a temporary name in the same folder, fsynced, renamed over its final name, and
+the folder is fsynced, so a crash never leaves a truncated file under the final name. Checkpoints are
+{'state': tensors, 'meta': JSON text}, loadable with torch.load(weights_only=True): reading one never
+runs code. This module sits below everything else in llt (data, pruning, runs import it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llt.errors import LLTError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`; it is fsynced and renamed over `path`, then the
+    folder is fsynced. On any failure the temporary is removed and `path` keeps its old content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_torch_save(path: str | Path, obj) -> None:
+    """torch.save `obj` to `path` atomically.
+
+    torch.save writes a file path from C++ without holding Python's GIL for the data, unlike saving into
+    an in-memory buffer first: a background writer (llt.checkpointing) then barely slows the training
+    thread, and no second copy of a large checkpoint is made in host memory."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def atomic_save_npz(path: str | Path, **arrays) -> None:
+    """An uncompressed .npz written atomically (through the same temporary-fsync-rename as every file)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:     # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None) -> None:
+    """A checkpoint is {'state': tensors, 'meta': JSON text}: loadable with torch.load(weights_only=True)."""
+    atomic_torch_save(path, {"state": state_dict, "meta": json.dumps(meta or {})})
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
+    """(state_dict, meta) of a checkpoint written by save_checkpoint; never unpickles code."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLTError(f"missing checkpoint {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or malicious files
+        raise LLTError(f"{path}: not a valid llt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict) or "state" not in obj or "meta" not in obj:
+        raise LLTError(f"{path}: not an llt checkpoint (expected keys 'state' and 'meta')")
+    return obj["state"], json.loads(obj["meta"])
