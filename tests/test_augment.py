@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from llt.data.augment import Normalizer, crop_flip, make_generator, shuffled_batches
+from llt.data.augment import Normalizer, crop_flip, make_generator
 
 
 def batch(n=16, hw=8):
@@ -63,10 +63,3 @@ def test_normalizer_matches_the_formula_and_layout():
     assert torch.allclose(y, ref, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert Normalizer(mean, std, "cpu", dtype=torch.bfloat16)(x).dtype == torch.bfloat16
-
-
-def test_shuffled_batches_cover_every_index_once():
-    got = list(shuffled_batches(103, 25, make_generator(0, "cpu")))
-    assert [b.numel() for b in got] == [25, 25, 25, 25, 3]
-    assert sorted(torch.cat(got).tolist()) == list(range(103))
-    assert [b.numel() for b in shuffled_batches(103, 25, make_generator(0, "cpu"), drop_last=True)] == [25] * 4

@@ -6,7 +6,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 from conftest import REPO, full_disk
 
@@ -41,6 +40,33 @@ def test_a_run_directory_in_use_is_refused(tmp_path, capsys):
     assert main([*STREAM, "--out", str(tmp_path)]) == 0
 
 
+def test_a_refused_process_names_the_live_owner_not_the_note_of_a_dead_one(tmp_path):
+    """The owner writes its note just after taking the lock; a process refused in between must wait for
+    that note rather than name the dead process whose note is still there (a race the test below hit)."""
+    import fcntl
+    import threading
+
+    import pytest
+
+    from llt.errors import LLTError
+
+    rd = tmp_path / "run"
+    rd.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (rd / "lock").write_text(json.dumps({"host": platform.node(), "pid": dead.pid, "since": 0}))
+    fd = os.open(rd / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)                       # the lock is taken, its note not written yet
+    note = json.dumps({"host": platform.node(), "pid": os.getpid(), "since": 0, "command": "llt run"})
+    threading.Timer(0.3, lambda: (rd / "lock").write_text(note)).start()
+    try:
+        with pytest.raises(LLTError, match=f"in use by process {os.getpid()} on host"):
+            with RunDir(rd).lock():
+                pass
+    finally:
+        os.close(fd)
+
+
 def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path, capsys):
     rd = first_run(tmp_path)
     dead = subprocess.Popen(["true"])
@@ -65,7 +91,7 @@ RACE = ["run", "--preset", "demo", "--set", "run.method=cil", "--set", "data.num
 
 
 def test_processes_that_start_the_same_run_at_once_train_it_once(tmp_path):
-    """Four processes start the same run within a millisecond of each other, on a run directory holding a
+    """Four processes start the same run within milliseconds of each other, on a run directory holding a
     lock note of a dead process (the case where two processes could both take a stale lock): exactly one
     trains; the others stop at once with one line naming it; the run's files are whole."""
     out = tmp_path / "runs"
@@ -74,12 +100,15 @@ def test_processes_that_start_the_same_run_at_once_train_it_once(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     (rd / "lock").write_text(json.dumps({"host": platform.node(), "pid": dead.pid, "since": 0}))
-    start = time.time() + 4                 # after every process has imported torch and llt
-    code = ("import sys, time; from llt.cli import main; t = float(sys.argv[1]); "
-            "time.sleep(max(0.0, t - time.time())); sys.exit(main(sys.argv[2:]))")
+    # a barrier: each process imports torch and llt, says it is ready, and waits for the other three
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    code = ("import pathlib, sys, time; from llt.cli import main; b = pathlib.Path(sys.argv[1]); "
+            "(b / sys.argv[2]).touch()\nwhile len(list(b.iterdir())) < 4: time.sleep(0.002)\n"
+            "sys.exit(main(sys.argv[3:]))")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), *RACE, "--out", str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(barrier), str(i), *RACE, "--out", str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
     results = [(p.wait(timeout=240), p.stdout.read(), p.stderr.read(), p.pid) for p in procs]
     winners = [r for r in results if r[0] == 0]
     assert len(winners) == 1, [(r[0], r[2][-300:]) for r in results]

@@ -136,3 +136,34 @@ def test_schedule_of_the_wrong_length_is_refused_before_any_work(tmp_path, capsy
     assert run_td(tmp_path, "--set", "prune.td_rounds=[1,1]") == 2
     assert "prune.td_rounds has 2 entries but the stream has 3 tasks" in capsys.readouterr().err
     assert not tmp_path.joinpath("x").exists() and not any(tmp_path.rglob("*.done"))
+
+
+@pytest.mark.parametrize("teacher", ["ticket", "original"])
+def test_the_teacher_chain(tmp_path, monkeypatch, teacher):
+    """prune.td_teacher: with 'ticket' task t+1 is taught by the re-trained ticket T1~t; with 'original' (the
+    original's main_TD.py) by the model trained on task t under the previous mask, the dense task-1 model
+    for task 2."""
+    from llt.methods import base
+
+    teachers = []
+    real = base.build_teaching_set
+
+    def spy(model, *a, **kw):
+        teachers.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(base, "build_teaching_set", spy)
+    assert run_td(tmp_path, "--set", f"prune.td_teacher={teacher}") == 0
+    [rd] = list(tmp_path.iterdir())
+    assert len(teachers) == 2                                   # for tasks 2 and 3
+    net = build_model(3, 2, width=4)
+    densities = []
+    for t, state in enumerate(teachers, 1):
+        name = f"checkpoints/task{t}.pt" if teacher == "ticket" else f"checkpoints/task{t}-train.pt"
+        expected, _ = load_checkpoint(rd / name)
+        assert all(torch.equal(state[k], expected[k]) for k in expected), (t, name)
+        net.load_state_dict(state)
+        densities.append(round(Mask.from_nonzero(net).density(), 4))
+    # schedule [1, 0, 2]: T1 = 80 %, T2 = 80 %; level 0 of task 1 is dense, level 0 of task 2 carries T1's mask
+    assert densities == ([0.8, 0.8] if teacher == "ticket" else [1.0, 0.8])
+    assert json.loads((rd / "summary.json").read_text())["teacher"] == teacher

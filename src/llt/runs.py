@@ -221,9 +221,10 @@ class RunLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LLTError(f"cannot lock {self.folder}: {e.strerror or e}") from None
             owner = {}
-            for _ in range(40):         # the holder writes its name just after taking the lock
-                owner = self.owner()
-                if owner:
+            for _ in range(40):         # the holder writes its note just after taking the lock; until then
+                note = self.owner()     # the note may still be that of a dead earlier owner
+                if note and (note.get("host") != platform.node() or _alive(note.get("pid"))):
+                    owner = note
                     break
                 time.sleep(0.05)
             raise LLTError(f"{self.folder} is in use by {self.describe(owner)}; wait for it to finish or "
@@ -253,6 +254,19 @@ class RunLock:
                 self.owner_path.unlink(missing_ok=True)
         finally:
             self._release()
+
+
+def _alive(pid) -> bool:
+    """Whether process `pid` exists on this host."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lock_held(folder: Path) -> bool:

@@ -48,14 +48,6 @@ class Normalizer:
         return out.to(dtype=self.dtype, memory_format=self.memory_format)
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, device=None, drop_last: bool = False):
-    """Index tensors of one shuffled pass over n items (the last batch may be short unless drop_last)."""
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(device or generator.device)
-    stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
-        yield perm[i:i + batch_size]
-
-
 def make_generator(seed: int, device) -> torch.Generator:
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(seed)

@@ -114,10 +114,6 @@ class Stream:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def seen_labels(self, t: int) -> int:
-        """Number of classes seen after learning tasks 0..t."""
-        return (t + 1) * self.classes_per_task
-
     def memory(self, t: int) -> torch.Tensor:
         """Exemplar indices available while learning task t: those of every class of tasks 0..t-1."""
         parts = [self.exemplars[lab] for task in self.tasks[:t] for lab in task.labels if lab in self.exemplars]

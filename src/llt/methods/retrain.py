@@ -153,7 +153,8 @@ def _retrain(ctx: Context, src: RunDir, summary: dict, init: str, mask_kind: str
             print(task_line(t, n, row, f"remaining weights {100 * masks[t].density():.2f} %"))
             meta = {"task": T, "row": row, "density": masks[t].density(), "num_kept": masks[t].num_kept(),
                     "ticket_num_kept": tickets[t].num_kept(), "best_epoch": res.best_epoch, "best_val": res.best_val}
-            return Done(eng.state(), meta, mask=masks[t], record={**meta, "epochs": history_record(res)})
+            return Done(eng.state(), meta, mask=masks[t],
+                        record={**meta, "per_layer_density": masks[t].per_layer_density(), "epochs": history_record(res)})
 
         done = eng.stage(f"task{T}", compute, event="retrain", epochs=cfg.train.epochs, masked=True,
                          skip_note=f"task {T}: re-trained before (stage marker present), skipping")

@@ -26,7 +26,17 @@ from pathlib import Path
 from llt.errors import LLTError
 from llt.runs import OPERATIONAL_FIELDS, check_summary, read_records
 
-METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU"}
+METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU", "trtd": "TR-TD"}
+TICKET_METHODS = ("td", "bu", "trbu", "trtd")
+RETRAINED = ("trbu", "trtd")          # re-trainings of a ticket run: TR-BU and the lottery controls
+
+
+def variant(summary: dict) -> str:
+    """How a run's masks were trained: 'as found' for a ticket search, '<mask>, <init> init' for a re-training."""
+    if summary["method"] not in RETRAINED:
+        return "as found"
+    mask = summary.get("mask", "ticket")
+    return f"{'ticket' if mask == 'ticket' else mask + ' mask'}, {summary.get('init', 'original')} init"
 
 
 @dataclass
@@ -62,8 +72,8 @@ def load_run(path: str | Path) -> Run:
         raise LLTError(f"{path / 'manifest.json'}: not an llt manifest (no config)")
     layer = {}
     for r in read_records(path / "records.jsonl"):   # a stage repeated after a crash: its last record wins
-        if r.get("event") in ("ticket", "level") and "per_layer_density" in r and \
-                (r["event"] == "ticket" or r.get("kind") == "ticket"):
+        if r.get("event") in ("ticket", "level", "retrain") and "per_layer_density" in r and \
+                (r["event"] != "level" or r.get("kind") == "ticket"):
             layer[r["task"]] = r["per_layer_density"]
     return Run(path, summary, manifest["config"], [layer[t] for t in sorted(layer)])
 
@@ -73,7 +83,8 @@ def group_key(run: Run) -> str:
     cfg = json.loads(json.dumps(run.config))
     for k in ("seed", "name", *OPERATIONAL_FIELDS):
         cfg.get("run", {}).pop(k, None)
-    blob = json.dumps({"method": run.summary["method"], "cfg": cfg}, sort_keys=True)
+    s = run.summary
+    blob = json.dumps({"method": s["method"], "init": s.get("init"), "mask": s.get("mask"), "cfg": cfg}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -111,8 +122,10 @@ def make_groups(runs: list[Run]) -> list[Group]:
     for key, members in groups.items():
         s = members[0].summary
         label = f"{METHOD_NAMES.get(s['method'], s['method'])} ({s['dataset']}"
-        if s["method"] in ("td", "bu", "trbu"):
+        if s["method"] in TICKET_METHODS:
             label += f", {s['remaining_weights'][-1]:.2f} %"
+        if s["method"] in RETRAINED:
+            label += f", {variant(s)}"
         label += ")"
         if sum(1 for g in out if g.label.startswith(label)):
             label += f" [{key}]"
@@ -144,11 +157,40 @@ def write_tables(groups: list[Group], out: Path) -> None:
             for t, row in enumerate(R):
                 md.append(f"| T1~{t + 1} | " + " | ".join(f"{v:.2f}" for v in row) + " |" * (len(R) - t - 1) + " |")
         md.append("")
+    md += controls_table(groups)
     (out / "report.md").write_text("\n".join(md))
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def controls_table(groups: list[Group]) -> list[str]:
+    """Markdown lines: each ticket search beside its re-trainings (TR-BU / TR-TD and the lottery controls:
+    random masks, random initialisation), final SA, forgetting and remaining weights; empty without
+    re-trainings."""
+    ticket = [g for g in groups if g.runs[0].summary["method"] in TICKET_METHODS]
+    if not any(g.runs[0].summary["method"] in RETRAINED for g in ticket):
+        return []
+    family = {"td": "Top-Down", "trtd": "Top-Down", "bu": "Bottom-Up", "trbu": "Bottom-Up"}
+    order = {"as found": 0}
+    ticket.sort(key=lambda g: (family[g.runs[0].summary["method"]], g.runs[0].summary["dataset"],
+                               order.get(variant(g.runs[0].summary), 1), variant(g.runs[0].summary)))
+    md = ["## Lottery controls", "",
+          "Each ticket search, and the re-trainings of its masks in isolation (TR-BU / TR-TD with the tickets; the "
+          "controls with random masks of the tickets' exact counts, or a random initialisation). Final values "
+          "after the last task; mean +- std over seeds.", "",
+          "| tickets | masks, initialisation | dataset | final SA (%) | final forgetting (points) | remaining weights (%) | seeds |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for g in ticket:
+        s = g.runs[0].summary
+        cells = []
+        for key in ("sa", "forgetting", "remaining_weights"):
+            m, sd = g.per_task(key)[-1]
+            cells.append("" if math.isnan(m) else (f"{m:.2f}" if len(g.runs) == 1 else f"{m:.2f} +- {sd:.2f}"))
+        md.append(f"| {family[s['method']]} | {variant(s)} | {s['dataset']} | " + " | ".join(cells)
+                  + f" | {len(g.runs)} |")
+    return md + [""]
 
 
 # ------------------------------------------------------------------------------------------ figures
