@@ -41,9 +41,14 @@ def test_lower_layers_never_import_methods_or_the_cli():
         assert not {d for d in deps if d.startswith(top)}, f"{module} imports {sorted(deps)}"
     for module in ("llt.trainer", "llt.runs", "llt.checkpointing", "llt.evaluation", "llt.teaching"):
         assert not {d for d in g[module] if d.startswith(("llt.context", "llt.console"))}, module
-    # the method modules build on the shared base, never on each other (the driver dispatches to them)
-    for module in ("llt.methods.dense", "llt.methods.topdown", "llt.methods.bottomup", "llt.methods.retrain"):
+    # the method modules build on the shared base (the baselines on their shared loop), never on each other;
+    # the driver dispatches to them
+    for module in ("llt.methods.dense", "llt.methods.topdown", "llt.methods.bottomup", "llt.methods.retrain",
+                   "llt.methods.incremental"):
         assert not {d for d in g[module] if d.startswith("llt.methods.") and d != "llt.methods.base"}, module
+    for module in ("finetune", "joint", "replay", "lwf", "ewc", "icarl"):
+        deps = {d for d in g[f"llt.methods.{module}"] if d.startswith("llt.methods.")}
+        assert deps <= {"llt.methods.incremental"}, (module, deps)
 
 
 def test_no_import_cycles():

@@ -32,13 +32,16 @@ def _f(default, help: str, choices: tuple[str, ...] | None = None):
 
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "array")
-METHODS = ("stream", "cil", "td", "bu")
+METHODS = ("stream", "cil", "td", "bu", "finetune", "joint", "replay", "lwf", "ewc", "icarl")
+BASELINES = ("finetune", "joint", "replay", "lwf", "ewc", "icarl")
 
 
 @dataclass(frozen=True)
 class RunSection:
     method: str = _f("bu", "what to run: 'stream' builds and describes the task stream only; "
-                     "'cil' dense class-incremental learning; 'td' Top-Down; 'bu' Bottom-Up ticket search",
+                     "'cil' dense class-incremental learning with lottery teaching; 'td' Top-Down; 'bu' Bottom-Up "
+                     "ticket search; the class-incremental baselines 'finetune', 'joint', 'replay', 'lwf', 'ewc', "
+                     "'icarl' (docs/baselines.md)",
                      METHODS)
     seed: int = _f(0, "run seed: data split, exemplars, augmentation and initialisation derive from it (0 is a valid seed)")
     out_dir: str = _f("runs", "folder that holds run directories")
@@ -126,6 +129,19 @@ class PruneSection:
 
 
 @dataclass(frozen=True)
+class BaselineSection:
+    lwf_lambda: float = _f(1.0, "lwf: weight of the distillation term (Li & Hoiem 2016 use lambda_o = 1)")
+    lwf_temperature: float = _f(2.0, "lwf: distillation temperature T (loss scaled by T^2; Li & Hoiem 2016 use T = 2)")
+    ewc_lambda: float = _f(5000.0, "ewc: penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 "
+                           "(5000: the FACIL survey's default for this network size)")
+    ewc_alpha: float = _f(0.5, "ewc: Fisher accumulation over tasks, F <- alpha F_old + (1 - alpha) F_task (FACIL's "
+                          "default 0.5); 0 keeps only the newest task's Fisher")
+    icarl_temperature: float = _f(1.0, "icarl: temperature of the old model's sigmoid targets (Rebuffi et al. 2017: 1)")
+    mask_from: str = _f("", "train under the tickets of a finished Top-Down or Bottom-Up run (its masks/task{t}.pt "
+                        "for task t); empty: dense")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -133,6 +149,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     teaching: TeachingSection = field(default_factory=TeachingSection)
     prune: PruneSection = field(default_factory=PruneSection)
+    baseline: BaselineSection = field(default_factory=BaselineSection)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
@@ -402,6 +419,18 @@ def validate(cfg: RunConfig) -> None:
     _need(p.accept_decay >= 0, "prune.accept_decay", "must be non-negative")
     _need(0 <= p.base_sparsity <= 100, "prune.base_sparsity", f"must be within 0-100 (percent), got {p.base_sparsity}")
     _need(p.max_rounds >= 0, "prune.max_rounds", "must be non-negative")
+    b = cfg.baseline
+    _need(b.lwf_lambda >= 0, "baseline.lwf_lambda", f"must be non-negative, got {b.lwf_lambda}")
+    _need(b.lwf_temperature > 0, "baseline.lwf_temperature", f"must be positive, got {b.lwf_temperature}")
+    _need(b.ewc_lambda >= 0, "baseline.ewc_lambda", f"must be non-negative, got {b.ewc_lambda}")
+    _need(0 <= b.ewc_alpha < 1, "baseline.ewc_alpha", f"must be in [0, 1), got {b.ewc_alpha}")
+    _need(b.icarl_temperature > 0, "baseline.icarl_temperature", f"must be positive, got {b.icarl_temperature}")
+    if cfg.run.method in ("replay", "icarl"):
+        _need(d.exemplars_per_class >= 1, "data.exemplars_per_class",
+              f"run.method={cfg.run.method} replays an exemplar memory: needs at least 1 exemplar per class, got "
+              f"{d.exemplars_per_class}")
+    _need(not b.mask_from or cfg.run.method in BASELINES, "baseline.mask_from",
+          f"applies to the baselines ({', '.join(BASELINES)}), not to run.method={cfg.run.method}")
 
 
 def check_task_split(num_classes: int, classes_per_task: int, num_tasks: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llt.config import RunConfig, from_tree
+from llt.config import BASELINES, RunConfig, from_tree
 from llt.data.augment import Normalizer
 from llt.data.dataset import ImageDataset
 from llt.data.sources import load_dataset, load_pool
@@ -112,7 +112,8 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
         torch.use_deterministic_algorithms(True, warn_only=True)
     ds = load_dataset(cfg.data)
     pool, pool_info = None, {"pool": cfg.data.pool, "used": False}
-    if need_pool and (cfg.run.method == "stream" or cfg.teaching.enabled):
+    lottery_teaching = cfg.teaching.enabled and cfg.run.method not in BASELINES   # baselines never query a pool
+    if need_pool and (cfg.run.method == "stream" or lottery_teaching):
         pool, pool_info = load_pool(cfg.data, ds)
         if pool is None and cfg.run.method != "stream":
             raise LLTError("data.pool=none but lottery teaching is on: choose a pool or set teaching.enabled=false")

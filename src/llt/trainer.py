@@ -13,6 +13,12 @@ concatenated and go through the backbone once, with BatchNorm statistics compute
 running statistics updated once per original pass, in the original order (the unlabeled images twice, the
 task-1 batch twice). Loss and gradients equal the five-pass step; tests/test_trainer.py checks it.
 
+Class-incremental baselines (llt.methods: finetune, joint, replay, lwf, ewc, icarl) train through the same
+loop with a `Recipe`: one batch stream per epoch (the task's data, plus the exemplar memory where the
+method replays it), and a loss made of the terms the method has: cross-entropy over the seen heads (or
+iCaRL's sigmoid binary cross-entropy), distillation of old logits from a frozen teacher (LwF, iCaRL), and
+a parameter penalty (EWC). Only the balanced (main) branch is trained and evaluated for them.
+
 The trainer knows nothing of tickets: the `mask` argument of `fit_task` (a Mask, checked against the
 model) is enforced by zeroing masked gradients before each step and masked weights after it. The learning
 rate is a function of the epoch (`learning_rate`), so a resumed training needs no scheduler state.
@@ -54,6 +60,7 @@ class TaskData:
     memory_idx: torch.Tensor        # exemplar indices of the old classes (empty on task 1)
     val_idx: torch.Tensor           # validation indices of every seen class (model selection)
     teaching: TeachingSet | None = None  # frozen unlabeled images + teacher logits (tasks >= 2)
+    teacher: torch.nn.Module | None = None  # baselines: the frozen previous model (LwF, iCaRL)
     val_images: torch.Tensor | None = None  # images/labels val_idx refers to, when not the training images
     val_labels: torch.Tensor | None = None  # (the original's test-set decisions: prune.decision_split=test-compat)
 
@@ -68,6 +75,24 @@ class Schedule:
     weight_decay: float = 5e-4
     batch_size: int = 256
     temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The loss terms of a class-incremental baseline (every task, the first included):
+
+    loss          "ce": softmax cross-entropy over the heads of the seen tasks; "bce": iCaRL's sigmoid
+                  binary cross-entropy against one-hot targets, the old classes' targets replaced by the
+                  teacher's sigmoid outputs
+    distill       LwF: weight of the soft cross-entropy of the old heads to the teacher's (not T^2-scaled)
+    temperature   distillation temperature (LwF) or sigmoid temperature of the teacher's targets (iCaRL)
+    penalty       EWC: a callable model -> scalar tensor added to the loss (None: no penalty)
+    """
+
+    loss: str = "ce"
+    distill: float = 0.0
+    temperature: float = 2.0
+    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None
 
 
 def learning_rate(s: Schedule, epoch: int) -> float:
@@ -151,6 +176,25 @@ class Trainer:
                     + 0.5 * distillation(m.head_logits(f_u, k, "main"), t_main, temperature)
         return loss
 
+    def recipe_loss(self, k: int, x: torch.Tensor, y: torch.Tensor, old: torch.Tensor | None, r: Recipe) -> torch.Tensor:
+        """A baseline's loss on one batch of task k+1 (k old tasks): its terms and only those. `old` holds the
+        teacher's logits over the k old heads (None without a teacher or on task 1)."""
+        with self._autocast():
+            z = self.model(x, k + 1, "main").float()
+        if r.loss == "bce":
+            target = F.one_hot(y, z.shape[1]).float()
+            if old is not None:
+                target[:, :old.shape[1]] = torch.sigmoid(old.float() / r.temperature)
+            loss = F.binary_cross_entropy_with_logits(z, target)
+        else:
+            loss = F.cross_entropy(z, y)
+            if old is not None and r.distill:
+                # Li & Hoiem's term is the unscaled soft cross-entropy: undo llt's T^2 factor
+                loss = loss + r.distill * distillation(z[:, :old.shape[1]], old.float(), r.temperature) / r.temperature ** 2
+        if r.penalty is not None:
+            loss = loss + r.penalty(self.model)
+        return loss
+
     # ------------------------------------------------------------------------------------------- steps
     def _bind_mask(self, mask: Mask | None) -> None:
         """Resolve the mask to (parameter, keep) pairs once per task (not on every step)."""
@@ -186,6 +230,25 @@ class Trainer:
             idx = data.new_idx[perm[i:i + s.batch_size]]
             x = self.norm(crop_flip(data.images[idx], self.gen))
             loss = self._first_loss(x, data.labels[idx])
+            self._step(opt, loss)
+            total += loss.detach()
+            steps += 1
+        return total, steps
+
+    def _epoch_recipe(self, k: int, opt, data: TaskData, s: Schedule, r: Recipe) -> tuple[torch.Tensor, int]:
+        """One pass over the task's data plus the memory (empty for methods without one), in batches of
+        s.batch_size."""
+        union = torch.cat([data.new_idx, data.memory_idx])
+        perm = torch.randperm(union.numel(), generator=self.gen, device=self.gen.device).to(self.device)
+        total, steps = torch.zeros((), device=self.device), 0
+        for i in range(0, perm.numel(), s.batch_size):
+            idx = union[perm[i:i + s.batch_size]]
+            x = self.norm(crop_flip(data.images[idx], self.gen))
+            old = None
+            if data.teacher is not None and k > 0:
+                with torch.no_grad(), self._autocast():
+                    old = data.teacher(x, k, "main").float()
+            loss = self.recipe_loss(k, x, data.labels[idx], old, r)
             self._step(opt, loss)
             total += loss.detach()
             steps += 1
@@ -228,9 +291,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- fit
     def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator, mask: Mask | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, checkpoint: EpochCheckpoint | None = None,
-                 resume: dict | None = None) -> TaskResult:
+                 resume: dict | None = None, recipe: Recipe | None = None) -> TaskResult:
         """Train task k (0-based) for s.epochs; keep the state with the best validation accuracy.
 
+        `recipe` (None: the original's losses, METHOD 3.1/3.2) selects a baseline's loss terms and batch mix.
         `mask` (None: dense) must cover exactly the model's conv weights (LLTError otherwise); its pruned
         weights are zero when training starts and stay exactly zero.
 
@@ -247,7 +311,7 @@ class Trainer:
         self._apply_mask_to_weights()
         opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         cyclers = {}
-        if k > 0:
+        if k > 0 and recipe is None:
             n_new, n_old = balanced_sizes(s.batch_size // 4, k)
             cyclers["new"] = Cycler(data.new_idx, n_new, self.gen)
             if data.memory_idx.numel() and n_old:
@@ -266,7 +330,9 @@ class Trainer:
             lr = learning_rate(s, epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
-            if k == 0:
+            if recipe is not None:
+                total, steps = self._epoch_recipe(k, opt, data, s, recipe)
+            elif k == 0:
                 total, steps = self._epoch_first(opt, data, s)
             else:
                 total, steps = self._epoch_distill(k, opt, data, s, cyclers)

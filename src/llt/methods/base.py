@@ -12,9 +12,11 @@ that stage (its training continues from the last epoch checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,12 +26,13 @@ from llt.console import Progress, format_matrix
 from llt.context import Context, load_model_state
 from llt.data.augment import make_generator
 from llt.data.stream import derive_seed, herding_exemplars
+from llt.errors import LLTError
 from llt.evaluation import accuracy
 from llt.pruning.mask import Mask
-from llt.runs import build_summary
+from llt.runs import RunDir, build_summary, check_summary
 from llt.storage import load_checkpoint, save_checkpoint
 from llt.teaching import TeachingSet, build_teaching_set, extract_features
-from llt.trainer import Schedule, TaskData, TaskResult, Trainer
+from llt.trainer import Recipe, Schedule, TaskData, TaskResult, Trainer
 
 
 @dataclass
@@ -138,10 +141,11 @@ class Engine:
             return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
         return stream.memory(t)
 
-    def herd(self, t: int) -> None:
-        """With herding: the exemplars of task t's classes (0-based) from the current model's features."""
+    def herd(self, t: int, last: bool = False) -> None:
+        """With herding: the exemplars of task t's classes (0-based) from the current model's features (not
+        for the last task, whose memory no later task uses, unless `last`)."""
         ctx = self.ctx
-        if ctx.stream.exemplar_selection != "herding" or t >= ctx.stream.num_tasks - 1:
+        if ctx.stream.exemplar_selection != "herding" or (t >= ctx.stream.num_tasks - 1 and not last):
             return
         task = ctx.stream.tasks[t]
         for lab in task.labels:
@@ -182,34 +186,41 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ training
     def fit(self, t: int, schedule: Schedule, seed_tag: str, desc: str, mask: Mask | None = None,
-            teaching: TeachingSet | None = None, select_on: str = "val") -> TaskResult:
+            teaching: TeachingSet | None = None, select_on: str = "val", recipe: Recipe | None = None,
+            teacher: torch.nn.Module | None = None, new_idx: torch.Tensor | None = None,
+            memory: bool = True) -> TaskResult:
         """Train the current model on task t (0-based) under `mask` (None: dense); returns the result.
 
         The best epoch is chosen on the validation images of every seen class, or, with select_on="test"
-        (only for prune.decision_split=test-compat), on their test images as the original did.
+        (only for prune.decision_split=test-compat), on their test images as the original did. Baselines
+        give a `recipe` (their loss terms), a frozen `teacher`, the training indices `new_idx` (default: task
+        t's) and whether the exemplar memory is replayed.
         """
         ctx = self.ctx
         task = ctx.stream.tasks[t]
-        data = TaskData(images=ctx.train_images, labels=ctx.train_labels, new_idx=task.train_idx.to(ctx.device),
-                        memory_idx=self.memory(t).to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
-                        teaching=teaching)
+        mem = self.memory(t) if memory else torch.empty(0, dtype=torch.int64)
+        data = TaskData(images=ctx.train_images, labels=ctx.train_labels,
+                        new_idx=(task.train_idx if new_idx is None else new_idx).to(ctx.device),
+                        memory_idx=mem.to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
+                        teaching=teaching, teacher=teacher)
         if select_on == "test":
             data.val_images, data.val_labels = ctx.test_images, ctx.stream.test_labels.to(ctx.device)
             data.val_idx = torch.cat([x.test_idx for x in ctx.stream.tasks[: t + 1]]).to(ctx.device)
         gen = make_generator(derive_seed(self.cfg.run.seed, seed_tag), ctx.device)
-        ckpt = self.epoch_checkpoint(t, schedule, seed_tag, mask, teaching, data, select_on)
+        ckpt = self.epoch_checkpoint(t, schedule, seed_tag, mask, teaching, data, select_on, recipe)
         resume = self._resume(ckpt, desc, schedule)
         self.progress.start(desc, schedule.epochs, done=0 if resume is None else resume["meta"]["epoch"])
         try:
             return self.trainer.fit_task(t, data, schedule, gen, mask=mask, on_epoch=self.progress.update,
-                                         checkpoint=ckpt, resume=resume)
+                                         checkpoint=ckpt, resume=resume, recipe=recipe)
         finally:
             self.progress.close()
             if ckpt is not None:   # stopped by Ctrl-C or SIGTERM: the last finished epoch is saved first
                 ckpt.close(flush=isinstance(sys.exc_info()[1], KeyboardInterrupt))
 
     def epoch_checkpoint(self, t: int, schedule: Schedule, seed_tag: str, mask: Mask | None,
-                         teaching: TeachingSet | None, data: TaskData, select_on: str) -> EpochCheckpoint | None:
+                         teaching: TeachingSet | None, data: TaskData, select_on: str,
+                         recipe: Recipe | None = None) -> EpochCheckpoint | None:
         """The epoch checkpoint of one training; its key is the training's seed tag, unique within a run."""
         every = self.cfg.run.checkpoint_every
         if every == 0:
@@ -217,7 +228,9 @@ class Engine:
         key = seed_tag.removeprefix("augment/").replace("/", "-")
         identity = {"task": t, "key": key, "epochs": schedule.epochs, "schedule": dataclasses.asdict(schedule),
                     "select_on": select_on, "mask": fingerprint_mask(None if mask is None else mask.masks),
-                    "memory": fingerprint_tensor(data.memory_idx),
+                    "memory": fingerprint_tensor(data.memory_idx), "new": fingerprint_tensor(data.new_idx),
+                    "recipe": None if recipe is None else [recipe.loss, recipe.distill, recipe.temperature,
+                                                           recipe.penalty is not None],
                     "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
         return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
 
@@ -268,4 +281,23 @@ def finish(ctx: Context, R: list, densities: list[float], method: str | None = N
     print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
     print(f"final SA {summary['final_sa']:.2f} | forgetting {summary['final_forgetting'] or 0:.2f} | "
           f"remaining weights {summary['remaining_weights'][-1]:.2f} % | summary: {rd.file('summary.json')}")
+    return summary
+
+
+def finished_run(run_dir: str | Path, methods: tuple[str, ...]) -> dict:
+    """The summary of a finished run of one of `methods`; a clear error otherwise."""
+    rd = RunDir(run_dir)
+    if not rd.file("manifest.json").is_file():
+        raise LLTError(f"{run_dir} is not an llt run directory (no manifest.json)")
+    path = rd.file("summary.json")
+    if not path.is_file():
+        raise LLTError(f"{run_dir} is not a finished run (no summary.json): finish it first by running the same "
+                       f"`llt run` command again")
+    try:
+        summary = check_summary(json.loads(path.read_text()), str(path))
+    except json.JSONDecodeError as e:
+        raise LLTError(f"{path}: not valid JSON ({e})") from None
+    if summary["method"] not in methods:
+        raise LLTError(f"{run_dir} is a finished run of method {summary['method']!r}, not a ticket run "
+                       f"({' or '.join(repr(m) for m in methods)}: Top-Down or Bottom-Up)")
     return summary

@@ -18,11 +18,20 @@ from llt.errors import LLTError
 from llt.evaluation import accuracy
 from llt.methods.bottomup import run_bottomup
 from llt.methods.dense import run_dense
+from llt.methods.ewc import EWC
+from llt.methods.finetune import Finetune
+from llt.methods.icarl import ICaRL
+from llt.methods.incremental import run_baseline
+from llt.methods.joint import Joint
+from llt.methods.lwf import LwF
+from llt.methods.replay import Replay
 from llt.methods.retrain import run_retrain
 from llt.methods.topdown import run_topdown
 from llt.models import remaining_weights
 from llt.runs import RunDir, ensure_writable, run_name
 from llt.storage import load_checkpoint
+
+BASELINES = {"finetune": Finetune, "joint": Joint, "replay": Replay, "lwf": LwF, "ewc": EWC, "icarl": ICaRL}
 
 
 def run(cfg: RunConfig, preset: str | None = None, progress: str = "auto", rd: RunDir | None = None) -> int:
@@ -96,6 +105,8 @@ def _run_method(ctx: Context, t0: float, progress: str) -> None:
             print("re-training the tickets from the original initialisation (TR-BU)")
             tr = run_retrain(ctx.rd.path, "original", "ticket", progress=progress)
             print(format_comparison(bu, tr))
+    elif cfg.run.method in BASELINES:
+        run_baseline(ctx, BASELINES[cfg.run.method], progress)
     else:
         run_dense(ctx, progress)
 
@@ -125,6 +136,8 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
                   ctx.normalizer, cfg.train.eval_batch_size, ctx.autocast_dtype)
     sa = sum(ev["row"]) / len(ev["row"])
     label = "dense reference" if which == "dense" else ("ticket" if cfg.run.method in ("td", "bu") else "model")
+    if cfg.run.method == "icarl":
+        label += " (network output; the summary's matrix is iCaRL's nearest-mean-of-exemplars classifier)"
     print(f"task {task} {label}: test accuracy per task " + " ".join(f"T{i + 1} {v:.2f}" for i, v in enumerate(ev["row"]))
           + f" | SA {sa:.2f} | remaining weights {remaining_weights(model):.2f} %")
     return {"row": ev["row"], "sa": sa, "stored_row": meta.get("row")}

@@ -22,7 +22,6 @@ random mask), with its own summary.json; `llt report` shows it beside its source
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -32,35 +31,16 @@ from llt.console import task_line
 from llt.context import Context, open_run, prepare
 from llt.data.stream import derive_seed
 from llt.errors import LLTError
-from llt.methods.base import Done, Engine, cpu_state, finish, history_record, load_teaching
+from llt.methods.base import Done, Engine, cpu_state, finish, finished_run, history_record, load_teaching
 from llt.pruning.controls import KINDS as RANDOM_KINDS
 from llt.pruning.controls import random_controls
 from llt.pruning.mask import Mask
-from llt.runs import RunDir, check_summary
+from llt.runs import RunDir
 from llt.storage import load_checkpoint
 
 INITS = ("original", "reference", "random")
 MASKS = ("ticket", *RANDOM_KINDS)
 TICKET_METHODS = {"bu": "trbu", "td": "trtd"}     # source method -> method of its re-training
-
-
-def finished_run(run_dir: str | Path, methods: tuple[str, ...]) -> dict:
-    """The summary of a finished run of one of `methods`; a clear error otherwise."""
-    rd = RunDir(run_dir)
-    if not rd.file("manifest.json").is_file():
-        raise LLTError(f"{run_dir} is not an llt run directory (no manifest.json)")
-    path = rd.file("summary.json")
-    if not path.is_file():
-        raise LLTError(f"{run_dir} is not a finished run (no summary.json): finish it first by running the same "
-                       f"`llt run` command again")
-    try:
-        summary = check_summary(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as e:
-        raise LLTError(f"{path}: not valid JSON ({e})") from None
-    if summary["method"] not in methods:
-        raise LLTError(f"{run_dir} is a finished run of method {summary['method']!r}, not a ticket run "
-                       f"({' or '.join(repr(m) for m in methods)}: Top-Down or Bottom-Up)")
-    return summary
 
 
 def check_monotone(masks: list[Mask], method: str) -> None:
@@ -145,7 +125,7 @@ def _retrain(ctx: Context, src: RunDir, summary: dict, init: str, mask_kind: str
                     raise LLTError(f"{path} is missing: the source run's teaching set for task {T} is needed")
                 teaching = load_teaching(path, ctx.device)
             eng.restore_herded(load_checkpoint(src.file(f"checkpoints/task{T}.pt"))[1])   # herding only
-            res = eng.fit(t, eng.schedule(), f"augment/retrain/task{T}", f"task {T}/{n} {label}", mask=masks[t],
+            res = eng.fit(t, eng.schedule(), f"augment/trbu/task{T}", f"task {T}/{n} {label}", mask=masks[t],
                           teaching=teaching)
             eng.model.load_state_dict(res.best_state)
             assert not masks[t].pruned_nonzero(eng.model)

@@ -26,7 +26,8 @@ from pathlib import Path
 from llt.errors import LLTError
 from llt.runs import OPERATIONAL_FIELDS, check_summary, read_records
 
-METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU", "trtd": "TR-TD"}
+METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU", "trtd": "TR-TD",
+                "finetune": "Fine-tune", "joint": "Joint", "replay": "Replay", "lwf": "LwF", "ewc": "EWC", "icarl": "iCaRL"}
 TICKET_METHODS = ("td", "bu", "trbu", "trtd")
 RETRAINED = ("trbu", "trtd")          # re-trainings of a ticket run: TR-BU and the lottery controls
 
@@ -122,7 +123,7 @@ def make_groups(runs: list[Run]) -> list[Group]:
     for key, members in groups.items():
         s = members[0].summary
         label = f"{METHOD_NAMES.get(s['method'], s['method'])} ({s['dataset']}"
-        if s["method"] in TICKET_METHODS:
+        if s["method"] in TICKET_METHODS or s.get("mask_from"):
             label += f", {s['remaining_weights'][-1]:.2f} %"
         if s["method"] in RETRAINED:
             label += f", {variant(s)}"
@@ -173,9 +174,13 @@ def controls_table(groups: list[Group]) -> list[str]:
     if not any(g.runs[0].summary["method"] in RETRAINED for g in ticket):
         return []
     family = {"td": "Top-Down", "trtd": "Top-Down", "bu": "Bottom-Up", "trbu": "Bottom-Up"}
-    order = {"as found": 0}
+    def rank(s: dict) -> tuple:      # the search, its tickets re-trained, then the controls
+        if s["method"] not in RETRAINED:
+            return (0, 0, 0)
+        return (1, s.get("mask", "ticket") != "ticket", s.get("init", "original") != "original")
+
     ticket.sort(key=lambda g: (family[g.runs[0].summary["method"]], g.runs[0].summary["dataset"],
-                               order.get(variant(g.runs[0].summary), 1), variant(g.runs[0].summary)))
+                               rank(g.runs[0].summary), variant(g.runs[0].summary)))
     md = ["## Lottery controls", "",
           "Each ticket search, and the re-trainings of its masks in isolation (TR-BU / TR-TD with the tickets; the "
           "controls with random masks of the tickets' exact counts, or a random initialisation). Final values "

@@ -1,0 +1,10 @@
+"""`finetune` (the lower bound): each task is learned from its own data only, by cross-entropy over the
+seen heads; no exemplar memory, no teacher, no penalty. Old classes are forgotten."""
+
+from __future__ import annotations
+
+from llt.methods.incremental import Baseline
+
+
+class Finetune(Baseline):
+    name = "finetune"

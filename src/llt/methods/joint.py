@@ -1,0 +1,15 @@
+"""`joint` (the upper bound): at task t the model trains on all training data of every class seen so far
+(tasks 1..t), by cross-entropy over the seen heads, starting from the model of task t-1."""
+
+from __future__ import annotations
+
+import torch
+
+from llt.methods.incremental import Baseline
+
+
+class Joint(Baseline):
+    name = "joint"
+
+    def new_indices(self, t: int) -> torch.Tensor:
+        return torch.cat([task.train_idx for task in self.eng.ctx.stream.tasks[: t + 1]])

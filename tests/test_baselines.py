@@ -1,0 +1,191 @@
+"""Class-incremental baselines on the one trainer: each method has the loss terms and batch mix it must
+have and only those; EWC's penalty, LwF's and iCaRL's losses and iCaRL's nearest-mean classifier against
+hand computations; bad hyper-parameters refused up front; a baseline under a ticket."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llt.cli import main
+from llt.data.augment import Normalizer
+from llt.losses import distillation
+from llt.methods.ewc import EWCPenalty
+from llt.methods.icarl import class_means, nme_predict
+from llt.models import build_model
+from llt.pruning import Mask
+from llt.storage import load_checkpoint
+from llt.trainer import Recipe, Trainer
+
+TINY = ["--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
+        "--set", "data.num_tasks=3", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32"]
+
+
+def run(out, method, *extra):
+    return main(["run", "--preset", "demo", "--out", str(out), "--quiet", "--set", f"run.method={method}", *TINY, *extra])
+
+
+def spy_fits(monkeypatch):
+    """Record, for every training, what the trainer was given; check that a teacher stays frozen."""
+    calls = []
+    real = Trainer.fit_task
+
+    def fit_task(self, k, data, s, generator, mask=None, recipe=None, **kw):
+        teacher = data.teacher
+        before = None if teacher is None else {n: v.clone() for n, v in teacher.state_dict().items()}
+        out = real(self, k, data, s, generator, mask=mask, recipe=recipe, **kw)
+        calls.append({"k": k, "new": data.new_idx.cpu().clone(), "memory": data.memory_idx.cpu().clone(),
+                      "teacher": before, "teacher_frozen": teacher is None or (
+                          not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+                          and all(torch.equal(v, teacher.state_dict()[n]) for n, v in before.items())),
+                      "recipe": recipe, "teaching": data.teaching, "mask": mask})
+        return out
+
+    monkeypatch.setattr(Trainer, "fit_task", fit_task)
+    return calls
+
+
+def stream_of(rd):
+    return torch.load(rd / "stream.pt", weights_only=True)["state"]
+
+
+@pytest.mark.parametrize("method", ["finetune", "joint", "replay", "lwf", "ewc", "icarl"])
+def test_each_baseline_has_its_terms_and_only_those(tmp_path, monkeypatch, method):
+    calls = spy_fits(monkeypatch)
+    assert run(tmp_path, method) == 0
+    [rd] = list(tmp_path.iterdir())
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["method"] == method and summary["num_tasks"] == 3 and len(calls) == 3
+    stream = stream_of(rd)
+    train = [stream[f"task{t + 1}.train_idx"] for t in range(3)]
+    for t, c in enumerate(calls):
+        assert c["k"] == t and c["teaching"] is None and c["mask"] is None and c["teacher_frozen"]
+        r = c["recipe"]
+        expect_new = torch.cat(train[: t + 1]) if method == "joint" else train[t]
+        assert torch.equal(c["new"], expect_new), (method, t)
+        if method in ("replay", "icarl") and t > 0:
+            assert c["memory"].numel() == 5 * 2 * t                        # every earlier class's exemplars
+            assert set(c["memory"].tolist()) <= set(torch.cat(train[:t]).tolist())
+        else:
+            assert c["memory"].numel() == 0, (method, t)                    # no exemplar seen
+        if method in ("lwf", "icarl") and t > 0:                           # the previous model, frozen
+            prev, _ = load_checkpoint(rd / f"checkpoints/task{t}.pt")
+            assert all(torch.equal(prev[n], v) for n, v in c["teacher"].items())
+        else:
+            assert c["teacher"] is None, (method, t)
+        assert r.loss == ("bce" if method == "icarl" else "ce")
+        assert r.distill == (1.0 if method == "lwf" else 0.0)
+        assert (r.penalty is not None) == (method == "ewc" and t > 0)
+    if method == "ewc":
+        fisher, _ = load_checkpoint(rd / "checkpoints/task1-fisher.pt")
+        assert all(torch.all(f >= 0) for f in fisher.values()) and any(float(f.sum()) > 0 for f in fisher.values())
+    if method == "icarl":
+        assert len(summary["network_matrix"]) == 3 and summary["accuracy_matrix"] != summary["network_matrix"]
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically_away_from_it():
+    model = torch.nn.Linear(2, 1, bias=False)
+    anchor = {"weight": torch.tensor([[1.0, -2.0]])}
+    fisher = {"weight": torch.tensor([[3.0, 0.5]])}
+    pen = EWCPenalty(fisher, anchor, lam=10.0)
+    with torch.no_grad():
+        model.weight.copy_(anchor["weight"])
+    assert float(pen(model).detach()) == 0.0
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, 0.0]]))           # offsets 1 and 2
+    assert float(pen(model).detach()) == pytest.approx(0.5 * 10.0 * (3.0 * 1 + 0.5 * 4))       # 25
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 2.0]]))           # offsets doubled
+    assert float(pen(model).detach()) == pytest.approx(4 * 25.0)
+    pen(model).backward()                                        # gradient lam * F * (theta - anchor)
+    assert torch.allclose(model.weight.grad, torch.tensor([[10.0 * 3.0 * 2, 10.0 * 0.5 * 4]]))
+
+
+def tiny_batch():
+    model = build_model(3, 2, width=4, seed=0)
+    trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([2, 3, 2, 3, 0, 1])
+    old = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))      # teacher logits of task 1's head
+    return model, trainer, x, y, old
+
+
+def test_lwf_loss_is_cross_entropy_plus_the_unscaled_soft_cross_entropy_of_the_old_heads():
+    model, trainer, x, y, old = tiny_batch()
+    model.eval()     # BatchNorm in eval mode gives the same logits in both computations below
+    with torch.no_grad():
+        z = model(x, 2, "main")
+    soft = -(F.softmax(old / 2, 1) * F.log_softmax(z[:, :2] / 2, 1)).sum(1).mean()
+    got = trainer.recipe_loss(1, x, y, old, Recipe(loss="ce", distill=0.7, temperature=2.0)).detach()
+    assert float(got) == pytest.approx(float(F.cross_entropy(z, y) + 0.7 * soft), rel=1e-5)
+    assert float(soft) == pytest.approx(float(distillation(z[:, :2], old, 2.0)) / 4, rel=1e-5)
+    plain = trainer.recipe_loss(1, x, y, old, Recipe()).detach()                      # finetune/replay: CE only
+    assert float(plain) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-5)
+
+
+def test_icarl_loss_uses_one_hot_targets_for_new_classes_and_the_teachers_sigmoid_for_old_ones():
+    model, trainer, x, y, old = tiny_batch()
+    model.eval()
+    with torch.no_grad():
+        z = model(x, 2, "main")
+    target = F.one_hot(y, 4).float()
+    target[:, :2] = torch.sigmoid(old)
+    expect = -(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z)).mean()
+    got = trainer.recipe_loss(1, x, y, old, Recipe(loss="bce", temperature=1.0)).detach()
+    assert float(got) == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_icarl_nearest_mean_of_exemplars_matches_a_hand_computation():
+    # exemplar features of 3 classes in 2-D; means of the L2-normalised features, normalised again
+    feats = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [0.0, 1.0], [-1.0, 0.0], [-4.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    means = class_means(feats, labels, 3)
+    r = 2 ** -0.5
+    m0 = torch.tensor([1 + r, r]) / 2
+    assert torch.allclose(means[0], m0 / m0.norm()) and torch.allclose(means[1], torch.tensor([0.0, 1.0]))
+    assert torch.allclose(means[2], torch.tensor([-1.0, 0.0]))
+    test = torch.tensor([[5.0, 1.0], [0.1, 2.0], [-3.0, -0.5], [1.0, 1.5]])
+    # by hand: angle of (1, 1.5) is 56.3 deg, mean 0 at 22.5 deg, mean 1 at 90 deg -> class 1
+    assert nme_predict(test, means).tolist() == [0, 1, 2, 1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("baseline.ewc_lambda=-1", "baseline.ewc_lambda: must be non-negative, got -1"),
+    ("baseline.lwf_lambda=-0.5", "baseline.lwf_lambda: must be non-negative"),
+    ("baseline.ewc_alpha=1.0", "baseline.ewc_alpha: must be in [0, 1)"),
+    ("baseline.lwf_temperature=0", "baseline.lwf_temperature: must be positive"),
+])
+def test_bad_hyper_parameters_are_refused_up_front(tmp_path, capsys, override, message):
+    method = override.split(".")[1].split("_")[0]
+    assert run(tmp_path, method, "--set", override) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["replay", "icarl"])
+def test_a_memory_of_zero_is_refused_for_methods_that_replay_it(tmp_path, capsys, method):
+    assert run(tmp_path, method, "--set", "data.exemplars_per_class=0") == 2
+    err = capsys.readouterr().err
+    assert f"run.method={method} replays an exemplar memory: needs at least 1 exemplar per class, got 0" in err
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_replay_on_a_ticket(tmp_path, capsys):
+    td = tmp_path / "td"
+    assert main(["run", "--preset", "demo", "--out", str(td), "--quiet", "--set", "run.method=td", *TINY,
+                 "--set", "prune.td_rounds=[1,1,1]", "--set", "prune.finetune_epochs=1"]) == 0
+    [src] = list(td.iterdir())
+    assert run(tmp_path / "r", "replay", "--set", f"baseline.mask_from={json.dumps(str(src))}") == 0
+    [rd] = list((tmp_path / "r").iterdir())
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["remaining_weights"] == json.loads((src / "summary.json").read_text())["remaining_weights"]
+    net = build_model(3, 2, width=4)
+    for t in (1, 2, 3):
+        net.load_state_dict(load_checkpoint(rd / f"checkpoints/task{t}.pt")[0])
+        assert Mask.load(src / f"masks/task{t}.pt", net).pruned_nonzero(net) == {}
+    # mask_from must be a finished ticket run; it applies to baselines only
+    assert run(tmp_path / "x", "replay", "--set", f"baseline.mask_from={json.dumps(str(rd))}") == 2
+    assert "not a ticket run" in capsys.readouterr().err
+    assert run(tmp_path / "y", "cil", "--set", f"baseline.mask_from={json.dumps(str(src))}") == 2
+    assert "baseline.mask_from: applies to the baselines" in capsys.readouterr().err
