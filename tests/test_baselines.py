@@ -131,7 +131,7 @@ def test_icarl_loss_uses_one_hot_targets_for_new_classes_and_the_teachers_sigmoi
         z = model(x, 2, "main")
     target = F.one_hot(y, 4).float()
     target[:, :2] = torch.sigmoid(old)
-    expect = -(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z)).mean()
+    expect = -(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z)).sum(1).mean()     # sum over classes
     got = trainer.recipe_loss(1, x, y, old, Recipe(loss="bce", temperature=1.0)).detach()
     assert float(got) == pytest.approx(float(expect), rel=1e-5)
 
@@ -189,3 +189,14 @@ def test_replay_on_a_ticket(tmp_path, capsys):
     assert "not a ticket run" in capsys.readouterr().err
     assert run(tmp_path / "y", "cil", "--set", f"baseline.mask_from={json.dumps(str(src))}") == 2
     assert "baseline.mask_from: applies to the baselines" in capsys.readouterr().err
+
+
+def test_ewc_warns_when_lambda_makes_sgd_diverge(capsys):
+    from llt.methods.ewc import check_stability
+
+    fisher = {"w": torch.tensor([0.1, 0.5])}
+    # bound 2 (1 + 0.9) / 0.01 = 380: lambda 100 * 0.5 = 50 is fine, 5000 * 0.5 = 2500 is not
+    assert check_stability(fisher, 100.0, 0.01, 0.9, 0) and capsys.readouterr().err == ""
+    assert not check_stability(fisher, 5000.0, 0.01, 0.9, 0)
+    err = capsys.readouterr().err
+    assert "ewc after task 1" in err and "2.5e+03 exceeds" in err and "below 760" in err

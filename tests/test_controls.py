@@ -149,6 +149,7 @@ def test_controls_refuse_runs_that_are_not_finished_ticket_runs(bu_run, tmp_path
     assert main(["retrain", str(rd), "--mask", "random"]) == 2
     assert "is a finished run of method 'cil', not a ticket run" in capsys.readouterr().err
     assert sorted(p.name for p in dense.iterdir()) == before
-    with pytest.raises(SystemExit):                      # argparse refuses unknown kinds
-        main(["retrain", str(bu_run), "--mask", "half"])
-    assert "invalid choice: 'half'" in capsys.readouterr().err
+    assert main(["retrain", str(bu_run), "--mask", "half"]) == 2       # unknown kinds: one line, nothing made
+    assert "--mask must be one of ticket, random, layerwise-random for a run directory, got 'half'" in \
+        capsys.readouterr().err
+    assert not list(bu_run.parent.glob("*-retrain-*half*"))

@@ -61,28 +61,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the data folder, if it moved since the run")
     _add_progress_args(p)
 
-    p = sub.add_parser("eval", help="re-evaluate the stored model of task k of a run on tasks 1..k")
-    p.add_argument("run_dir", help="a run directory written by `llt run`")
+    p = sub.add_parser("eval", help="re-evaluate the stored model of task k of a run, or any checkpoint file "
+                                    "(--checkpoint), on tasks 1..k")
+    p.add_argument("run_dir", nargs="?", help="a run directory written by `llt run`")
     p.add_argument("--task", type=int, required=True, help="task k (1-based)")
-    p.add_argument("--data-dir", help="the data folder, if it moved since the run")
+    p.add_argument("--checkpoint", help="instead of a run: any checkpoint (llt, llt export, or the original code's), "
+                                        "evaluated on the stream of --preset")
+    p.add_argument("--pruned", action="store_true", help="with --checkpoint: the file must carry a mask (applied)")
+    p.add_argument("--preset", help="with --checkpoint: the preset whose data and stream to use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="with --checkpoint: override a config field")
+    p.add_argument("--data-dir", help="the data folder (if it moved since the run)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ticket", dest="which", action="store_const", const="ticket", default="ticket",
                    help="the model reported after task k: the ticket of a Top-Down/Bottom-Up run (default)")
     g.add_argument("--dense", dest="which", action="store_const", const="dense",
                    help="the dense reference of a Bottom-Up run")
 
-    p = sub.add_parser("retrain", help="re-train the masks of a finished ticket run in isolation: TR-BU and the "
-                                       "lottery controls (random masks, random initialisation)")
-    p.add_argument("run_dir", help="a finished Bottom-Up or Top-Down run directory")
+    p = sub.add_parser("retrain", help="re-train the masks of a finished ticket run in isolation (TR-BU and the "
+                                       "lottery controls), or any subnetwork on task k (--weights, --mask, --task)")
+    p.add_argument("run_dir", nargs="?", help="a finished Bottom-Up or Top-Down run directory")
     p.add_argument("--init", default="original", choices=("original", "reference", "random"),
                    help="initialisation: the run's theta_0 (default), the previous task's dense reference (Bottom-Up "
                         "only), or random")
-    p.add_argument("--mask", default="ticket", choices=("ticket", "random", "layerwise-random"),
-                   help="the run's tickets (default), or random masks with the tickets' kept count overall (random) "
-                        "or per layer (layerwise-random), nested across tasks like the tickets")
-    p.add_argument("--out", help="folder for the new run directory (default: beside the source run)")
+    p.add_argument("--mask", default="ticket",
+                   help="with RUN_DIR: ticket (default), random or layerwise-random (random masks with the tickets' "
+                        "kept count overall or per layer, nested across tasks like the tickets); with --weights: a "
+                        "mask file, a pruned checkpoint or a run directory (its masks/task{k}.pt)")
+    p.add_argument("--weights", help="re-train this subnetwork: a checkpoint, or a run directory (its theta_0)")
+    p.add_argument("--task", type=int, help="with --weights: the task k to train (1-based)")
+    p.add_argument("--teacher", help="with --weights and k >= 2: the checkpoint that teaches (lottery teaching)")
+    p.add_argument("--preset", help="with --weights: the preset (data, stream, training)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="with --weights: override a config field")
+    p.add_argument("--out", help="folder for the new run directory (default: beside the source run, or runs/)")
     p.add_argument("--data-dir", help="the data folder, if it moved since the run")
     _add_progress_args(p)
+
+    p = sub.add_parser("export", help="write the ticket of task k of a run as a file (llt, prune or packed layout)")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--task", type=int, required=True, help="task k (1-based)")
+    p.add_argument("--format", default="packed", choices=("llt", "prune", "packed"), help="file layout (default packed)")
+    p.add_argument("--fp32", action="store_true", help="packed: keep the weights in fp32 (exact) instead of fp16")
+    p.add_argument("--out", required=True, help="the file to write")
+
+    p = sub.add_parser("import", help="convert a checkpoint of the original code (or any ticket file) to llt's layout")
+    p.add_argument("file", help="e.g. BU_ticket.pt, task3_best_model.pt")
+    p.add_argument("--out", required=True, help="folder for ticket.pt and import.json")
+    p.add_argument("--stem-stride", type=int, default=1, help="2 for 64x64 models (Tiny-ImageNet)")
 
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
@@ -159,9 +185,32 @@ def cmd_resume(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.checkpoint:
+        if args.run_dir:
+            raise LLTError("give a run directory or --checkpoint FILE, not both")
+        from llt.methods.external import evaluate_checkpoint
+
+        evaluate_checkpoint(args.checkpoint, args.task, load_config(args.preset, _overrides(args)), args.pruned)
+        return 0
+    if not args.run_dir:
+        raise LLTError("llt eval needs a run directory or --checkpoint FILE")
     from llt.methods.driver import evaluate_run
 
     evaluate_run(args.run_dir, args.task, args.data_dir, args.which)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from llt.methods.external import export_run
+
+    export_run(args.run_dir, args.task, args.format, args.out, args.fp32)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from llt.methods.external import import_file
+
+    import_file(args.file, args.out, args.stem_stride)
     return 0
 
 
@@ -182,8 +231,20 @@ def cmd_list(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from llt.methods.retrain import run_retrain
+    if args.weights:
+        if args.run_dir or args.task is None:
+            raise LLTError("llt retrain --weights W --mask M --task k --preset P (no run directory)")
+        from llt.methods.external import retrain_subnetwork
 
+        cfg = load_config(args.preset, _overrides(args))
+        retrain_subnetwork(args.weights, args.mask, args.task, cfg, args.preset, args.teacher, args.progress)
+        return 0
+    if not args.run_dir:
+        raise LLTError("llt retrain needs a finished ticket run directory, or --weights W --mask M --task k")
+    from llt.methods.retrain import MASKS, run_retrain
+
+    if args.mask not in MASKS:
+        raise LLTError(f"--mask must be one of {', '.join(MASKS)} for a run directory, got {args.mask!r}")
     run_retrain(args.run_dir, args.init, args.mask, args.out, args.data_dir, args.progress)
     return 0
 
@@ -226,6 +287,10 @@ def _dispatch(parser: argparse.ArgumentParser, args) -> int:
             return cmd_retrain(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "import":
+            return cmd_import(args)
         if args.command == "list":
             return cmd_list(args)
         parser.error(f"unknown command {args.command}")

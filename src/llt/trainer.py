@@ -83,7 +83,7 @@ class Recipe:
 
     loss          "ce": softmax cross-entropy over the heads of the seen tasks; "bce": iCaRL's sigmoid
                   binary cross-entropy against one-hot targets, the old classes' targets replaced by the
-                  teacher's sigmoid outputs
+                  teacher's sigmoid outputs, summed over classes and averaged over the batch
     distill       LwF: weight of the soft cross-entropy of the old heads to the teacher's (not T^2-scaled)
     temperature   distillation temperature (LwF) or sigmoid temperature of the teacher's targets (iCaRL)
     penalty       EWC: a callable model -> scalar tensor added to the loss (None: no penalty)
@@ -185,7 +185,9 @@ class Trainer:
             target = F.one_hot(y, z.shape[1]).float()
             if old is not None:
                 target[:, :old.shape[1]] = torch.sigmoid(old.float() / r.temperature)
-            loss = F.binary_cross_entropy_with_logits(z, target)
+            # summed over the seen classes, averaged over the batch: gradients of the size of CE's, so the
+            # tickets' learning rate serves (a mean over classes too, as iCaRL's Theano code, needs lr 2.0)
+            loss = F.binary_cross_entropy_with_logits(z, target, reduction="sum") / z.shape[0]
         else:
             loss = F.cross_entropy(z, y)
             if old is not None and r.distill:

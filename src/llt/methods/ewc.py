@@ -10,11 +10,15 @@ Learning task t+1 adds the penalty (lambda = baseline.ewc_lambda, default 5000)
 
     (lambda / 2) * sum_i F_i * (theta_i - theta*_t,i)^2
 
-over every parameter, to the cross-entropy on the new task's data. The Fisher and the anchor are kept
+over every parameter, to the cross-entropy on the new task's data. SGD follows that quadratic only while
+lambda * max F < 2 (1 + momentum) / lr; a larger lambda makes the loss diverge, and llt warns after each
+task when it would (the Fisher's scale depends on the data and the network, so lambda needs tuning). The Fisher and the anchor are kept
 with each task's stage (checkpoints/task{t}-fisher.pt), so a resumed run continues with them.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,19 @@ def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch
     return {n: f / max(images.shape[0], 1) for n, f in fisher.items()}
 
 
+def check_stability(fisher: dict[str, torch.Tensor], lam: float, lr: float, momentum: float, t: int) -> bool:
+    """Warn when the penalty's curvature lam * max F exceeds what SGD with heavy-ball momentum can follow,
+    2 (1 + momentum) / lr (the step diverges on such a quadratic). Returns whether it is stable."""
+    top = max((float(f.max()) for f in fisher.values() if f.numel()), default=0.0)
+    bound = 2 * (1 + momentum) / lr
+    if lam * top > bound:
+        print(f"[llt] warning: ewc after task {t + 1}: baseline.ewc_lambda * max Fisher = {lam:g} * {top:.3g} = "
+              f"{lam * top:.3g} exceeds 2(1 + momentum) / lr = {bound:.3g}; SGD will diverge on the penalty. Lower "
+              f"baseline.ewc_lambda below {bound / max(top, 1e-12):.3g}", file=sys.stderr)
+        return False
+    return True
+
+
 class EWC(Baseline):
     name = "ewc"
     extra_states = ("fisher", "anchor")
@@ -90,6 +107,7 @@ class EWC(Baseline):
         self.fisher = new if self.fisher is None else {k: b.ewc_alpha * self.fisher[k] + (1 - b.ewc_alpha) * v
                                                       for k, v in new.items()}
         self.anchor = {n: p.detach().float().cpu().clone() for n, p in self.eng.model.named_parameters()}
+        check_stability(self.fisher, b.ewc_lambda, self.cfg.train.lr, self.cfg.train.momentum, t)
         return {"fisher": self.fisher, "anchor": self.anchor}
 
     def restore(self, t: int, extra: dict[str, dict]) -> None:

@@ -33,6 +33,7 @@ class Baseline:
     name = "finetune"
     replays_memory = False
     uses_teacher = False
+    extra_states: tuple[str, ...] = ()     # names of the states after_task returns (kept with the stage)
 
     def __init__(self, eng: Engine):
         self.eng, self.cfg = eng, eng.cfg
@@ -50,8 +51,6 @@ class Baseline:
 
     def restore(self, t: int, extra: dict[str, dict]) -> None:
         """The kept extra states of a finished task (a rerun or resume)."""
-
-    extra_states: tuple[str, ...] = ()
 
     def evaluate(self, t: int) -> tuple[list[float], dict]:
         """(test row after task t, extra meta): the balanced branch over the seen heads."""
