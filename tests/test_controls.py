@@ -97,7 +97,7 @@ def masks(rd) -> list[Mask]:
 
 
 @pytest.mark.parametrize("source, kind, init", [("bu", "random", "original"), ("bu", "layerwise-random", "random"),
-                                                ("td", "layerwise-random", "original"), ("td", "random", "random")])
+                                                ("td", "layerwise-random", "original")])
 def test_controls_end_to_end(bu_run, td_run, tmp_path, capsys, source, kind, init):
     src = bu_run if source == "bu" else td_run
     assert main(["retrain", str(src), "--mask", kind, "--init", init, "--out", str(tmp_path), "--quiet"]) == 0

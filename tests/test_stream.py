@@ -106,3 +106,16 @@ def test_herding_tracks_the_class_mean():
     first = int(torch.argmin(((torch.nn.functional.normalize(f, dim=1) - mu) ** 2).sum(1)))
     assert order[0] == first
     assert herding_exemplars(f, 10).numel() == 5
+
+
+def test_a_per_class_training_subset_keeps_validation_and_is_seeded():
+    y = torch.arange(10).repeat_interleave(50)                 # 50 images per class
+    full = build_stream("toy", y, y, 10, classes_per_task=2, exemplars_per_class=3, seed=4)
+    small = build_stream("toy", y, y, 10, classes_per_task=2, exemplars_per_class=3, seed=4, train_per_class=7)
+    again = build_stream("toy", y, y, 10, classes_per_task=2, exemplars_per_class=3, seed=4, train_per_class=7)
+    for a, b, c in zip(full.tasks, small.tasks, again.tasks):
+        assert torch.equal(a.val_idx, b.val_idx)               # validation unchanged
+        assert set(b.train_idx.tolist()) < set(a.train_idx.tolist())
+        assert b.train_idx.numel() == 14 and torch.bincount(y[b.train_idx], minlength=10)[list(a.labels)].tolist() == [7, 7]
+        assert torch.equal(b.train_idx, c.train_idx)
+    assert all(set(small.exemplars[lab].tolist()) <= set(small.tasks[lab // 2].train_idx.tolist()) for lab in range(10))

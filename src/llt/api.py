@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from llt.config import load_config
+from llt.context import stream_for
 from llt.data.augment import Normalizer
 from llt.data.sources import load_dataset
-from llt.data.stream import Stream, build_stream
+from llt.data.stream import Stream
 from llt.errors import LLTError
 from llt.evaluation import accuracy
 from llt.export import load_ticket as _load_ticket
@@ -55,11 +56,7 @@ def open_stream(preset: str | None = None, overrides: tuple[str, ...] | list[str
     built exactly as a run of that preset builds them (same class order, splits, seed)."""
     cfg = load_config(preset, list(overrides))
     ds = load_dataset(cfg.data)
-    d = cfg.data
-    stream = build_stream(ds.name, ds.train_labels, ds.test_labels, ds.num_classes, classes_per_task=d.classes_per_task,
-                          num_tasks=d.num_tasks, class_order=d.class_order, val_fraction=d.val_fraction,
-                          exemplars_per_class=d.exemplars_per_class, exemplar_selection=d.exemplar_selection,
-                          seed=cfg.run.seed)
+    stream = stream_for(cfg, ds)
     return StreamData(stream, ds.test_images, tuple(ds.mean), tuple(ds.std), list(ds.class_names or []))
 
 

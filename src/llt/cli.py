@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for ticket.pt and import.json")
     p.add_argument("--stem-stride", type=int, default=1, help="2 for 64x64 models (Tiny-ImageNet)")
 
+    p = sub.add_parser("study", help="run a grid of runs (methods x controls x seeds) from a YAML spec, locally or on Ray")
+    p.add_argument("spec", help="the study spec (see docs/studies.md)")
+    p.add_argument("--out", required=True, help="folder of the study's run directories")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, which are finished, epochs) and stop")
+    p.add_argument("--executor", default="local", choices=("local", "ray"), help="local worker processes or Ray tasks")
+    p.add_argument("--workers", type=int, default=0, help="local workers (default: one per CUDA device, 1 on CPU)")
+    p.add_argument("--address", help="--executor ray: the address of an existing Ray cluster (default: a local one)")
+    p.add_argument("--retries", type=int, default=1, help="times a job whose process died is started again")
+
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
     p.add_argument("--fields", action="store_true", help="list every field with its type, default and help text")
@@ -200,6 +209,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from pathlib import Path
+
+    from llt.study import default_workers, load_spec, plan, run_study
+
+    jobs = load_spec(args.spec, args.out)
+    print(plan(jobs))
+    if args.dry_run:
+        return 0
+    if args.retries < 0 or args.workers < 0:
+        raise LLTError("--retries and --workers must be non-negative")
+    outcome = run_study(jobs, Path(args.out), args.workers or default_workers(), args.retries, args.executor,
+                        args.address)
+    print(f"study: {len(outcome.done)} of {len(jobs)} runs finished; report: llt report {args.out} --out REPORT_DIR")
+    if outcome.failed:
+        raise LLTError(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)} (logs in {args.out}/logs)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from llt.methods.external import export_run
 
@@ -262,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = None
-    if args.command in ("run", "resume", "retrain") and threading.current_thread() is threading.main_thread():
+    if args.command in ("run", "resume", "retrain", "study") and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return _dispatch(parser, args)
@@ -289,6 +317,8 @@ def _dispatch(parser: argparse.ArgumentParser, args) -> int:
             return cmd_report(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "study":
+            return cmd_study(args)
         if args.command == "import":
             return cmd_import(args)
         if args.command == "list":

@@ -66,6 +66,8 @@ class DataSection:
     class_order: Optional[tuple[int, ...]] = _f(None, "class order as original class ids; empty: the dataset's default "
                                                 "(CIFAR-10 [9,8,7,1,5,0,3,4,6,2]; CIFAR-100 iCaRL seed-1993 permutation)")
     val_fraction: float = _f(0.1, "fraction of each class's training images held out for validation (9:1 split)")
+    train_per_class: int = _f(0, "train on a seeded subset of this many images per class (the rest of the split's "
+                              "training part is left out; validation is unchanged); 0: all. For small studies")
     exemplars_per_class: int = _f(100, "exemplar memory per old class")
     exemplar_selection: str = _f("random", "how exemplars are chosen: random (run seed) or herding (teacher features)",
                                  ("random", "herding"))
@@ -379,6 +381,7 @@ def validate(cfg: RunConfig) -> None:
     _need(d.num_tasks >= 0, "data.num_tasks", "must be 0 (all) or positive")
     _need(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _need(d.exemplars_per_class >= 0, "data.exemplars_per_class", "must be non-negative")
+    _need(d.train_per_class >= 0, "data.train_per_class", "must be 0 (all) or positive")
     _need(d.pool_size >= 0, "data.pool_size", "must be non-negative")
     _need(d.dataset != "array" or bool(d.array_path), "data.array_path", "is required when data.dataset=array")
     n_cls = KNOWN_NUM_CLASSES.get(d.dataset)

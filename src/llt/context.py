@@ -105,6 +105,15 @@ def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def stream_for(cfg: RunConfig, ds: ImageDataset) -> Stream:
+    """The class-incremental stream the config cuts from a dataset (class order, splits, memory, seed)."""
+    d = cfg.data
+    return build_stream(ds.name, ds.train_labels, ds.test_labels, ds.num_classes,
+                        classes_per_task=d.classes_per_task, num_tasks=d.num_tasks, class_order=d.class_order,
+                        val_fraction=d.val_fraction, exemplars_per_class=d.exemplars_per_class,
+                        exemplar_selection=d.exemplar_selection, seed=cfg.run.seed, train_per_class=d.train_per_class)
+
+
 def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_pool: bool = True) -> Context:
     """Load data, pool and stream; create (or reopen) the run directory and write its manifest once."""
     device = resolve_device(cfg.run.device)
@@ -117,11 +126,7 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
         pool, pool_info = load_pool(cfg.data, ds)
         if pool is None and cfg.run.method != "stream":
             raise LLTError("data.pool=none but lottery teaching is on: choose a pool or set teaching.enabled=false")
-    d = cfg.data
-    stream = build_stream(ds.name, ds.train_labels, ds.test_labels, ds.num_classes,
-                          classes_per_task=d.classes_per_task, num_tasks=d.num_tasks, class_order=d.class_order,
-                          val_fraction=d.val_fraction, exemplars_per_class=d.exemplars_per_class,
-                          exemplar_selection=d.exemplar_selection, seed=cfg.run.seed)
+    stream = stream_for(cfg, ds)
     if rd is None:
         rd = RunDir.create(cfg.run.out_dir, run_name(cfg, preset))
     if rd.file("manifest.json").is_file():

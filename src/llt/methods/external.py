@@ -18,7 +18,7 @@ import torch
 
 from llt.config import RunConfig
 from llt.console import task_line
-from llt.context import open_run, prepare, resolve_device
+from llt.context import open_run, prepare, resolve_device, stream_for
 from llt.errors import LLTError
 from llt.export import export_state, infer_architecture, load_ticket, rebuild
 from llt.interop import load_external
@@ -31,14 +31,9 @@ from llt.storage import atomic_torch_save, load_checkpoint
 def _stream_data(cfg: RunConfig):
     from llt.api import StreamData
     from llt.data.sources import load_dataset
-    from llt.data.stream import build_stream
 
     ds = load_dataset(cfg.data)
-    d = cfg.data
-    stream = build_stream(ds.name, ds.train_labels, ds.test_labels, ds.num_classes, classes_per_task=d.classes_per_task,
-                          num_tasks=d.num_tasks, class_order=d.class_order, val_fraction=d.val_fraction,
-                          exemplars_per_class=d.exemplars_per_class, exemplar_selection=d.exemplar_selection,
-                          seed=cfg.run.seed)
+    stream = stream_for(cfg, ds)
     return StreamData(stream, ds.test_images, tuple(ds.mean), tuple(ds.std), list(ds.class_names or []))
 
 

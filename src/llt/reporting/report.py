@@ -222,7 +222,10 @@ def plot_sa(groups: list[Group], out: Path) -> Path:
     for g in groups:
         sa = g.per_task("sa")
         x = list(range(1, len(sa) + 1))
-        ax.errorbar(x, [m for m, _ in sa], yerr=[s for _, s in sa], marker="o", capsize=3, label=g.label)
+        line = ax.errorbar(x, [m for m, _ in sa], yerr=[s for _, s in sa], marker="o", capsize=3, label=g.label)
+        if len(g.runs) > 1:           # a band of one standard deviation over seeds
+            ax.fill_between(x, [m - s for m, s in sa], [m + s for m, s in sa], alpha=0.15,
+                            color=line.lines[0].get_color())
     ax.set_xlabel("number of learned tasks")
     ax.set_ylabel("SA (%)")
     ax.set_xticks(range(1, max(len(g.per_task("sa")) for g in groups) + 1))
@@ -322,8 +325,24 @@ def plot_overlap(run: Run, out: Path) -> Path | None:
     return _save(fig, out / f"mask_overlap-{run.name}.png")
 
 
+def expand(run_dirs: list[str]) -> list[str]:
+    """Run directories, with a study folder (one holding study.json) replaced by its finished runs."""
+    out = []
+    for p in run_dirs:
+        study = Path(p) / "study.json"
+        if study.is_file():
+            try:
+                jobs = json.loads(study.read_text())["jobs"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise LLTError(f"{study}: not a study record ({e})") from None
+            out += [j["directory"] for j in jobs if (Path(j["directory"]) / "summary.json").is_file()]
+        else:
+            out.append(p)
+    return out
+
+
 def report(run_dirs: list[str], out_dir: str) -> list[Path]:
-    runs = [load_run(p) for p in run_dirs]
+    runs = [load_run(p) for p in expand(run_dirs)]
     if not runs:
         raise LLTError("llt report needs at least one run directory")
     out = Path(out_dir)

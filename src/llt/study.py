@@ -1,0 +1,323 @@
+"""`llt study SPEC.yaml --out DIR`: a grid of runs (methods x controls x seeds), one command, then one report.
+
+A spec (YAML) lists runs, seeds, and optional derived steps:
+
+    name: demo                         # optional
+    seeds: [0, 1]
+    runs:
+      - name: dense                    # unique; the run directory is DIR/<name>-s<seed>-<config hash>
+        preset: demo
+        set: [run.method=cil]          # --set overrides (a list, or a mapping field: value)
+      - name: bu
+        preset: demo
+        set: {run.method: bu, prune.retrain_after: false}
+    derived:                           # llt retrain on a finished ticket run of the same seed
+      - name: bu-random-mask
+        from: bu
+        init: original                 # original | reference | random
+        mask: random                   # ticket | random | layerwise-random
+
+Every run is an ordinary run directory under DIR, so a second invocation skips finished runs and an
+interrupted run resumes from its checkpoints. Each job runs as its own `llt` process; a job whose process
+dies (a signal, a lost worker) is retried (`--retries`, default 1) and continues where it stopped; a user
+error (exit status 2) is not retried. Two workers can never train the same run directory (the run lock).
+
+Executors: `local` (default): N worker processes (`--workers`; default one per CUDA device, 1 on CPU);
+`ray`: each job a Ray task (one GPU each when there are GPUs) on a local Ray instance or an existing
+cluster (`--address`); Ray is an optional extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llt.config import available_presets, load_config, parse_override
+from llt.errors import LLTError
+from llt.runs import run_name
+
+SPEC_KEYS = {"name", "seeds", "runs", "derived"}
+RUN_KEYS = {"name", "preset", "set"}
+DERIVED_KEYS = {"name", "from", "init", "mask"}
+
+
+@dataclass
+class Job:
+    name: str                  # spec entry
+    seed: int
+    args: list[str]            # llt command line after `llt`
+    directory: Path            # the run directory it fills
+    after: str | None = None   # name of the job (entry-seed) that must finish first
+    epochs: int = 0            # rough number of training epochs, for the plan
+    key: str = ""
+
+    def finished(self) -> bool:
+        return (self.directory / "summary.json").is_file()
+
+    def started(self) -> bool:
+        return self.directory.is_dir() and any(self.directory.glob("stages/*.done"))
+
+
+def _overrides(entry: dict, where: str) -> list[str]:
+    raw = entry.get("set", [])
+    if isinstance(raw, dict):
+        items = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in raw.items()]
+    elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+        items = list(raw)
+    else:
+        raise LLTError(f"{where}: 'set' must be a list of section.field=value or a mapping")
+    for item in items:
+        parse_override(item)
+    return items
+
+
+def estimate_epochs(cfg) -> int:
+    """Training epochs a run will take (an upper bound for Bottom-Up: every re-grow to the cap)."""
+    n = cfg.data.num_tasks or 5
+    e, p = cfg.train.epochs, cfg.prune
+    if cfg.run.method == "td":
+        rounds = p.td_rounds or [1] * n
+        return sum(2 * e + p.finetune_epochs * max(r - 1, 0) for r in rounds)
+    if cfg.run.method == "bu":
+        return n * (2 * e + p.max_rounds * p.finetune_epochs) + (n * e if p.retrain_after else 0)
+    return n * e
+
+
+def _label(entry) -> str:
+    return str(entry.get("name", "?")) if isinstance(entry, dict) else repr(entry)
+
+
+def load_spec(path: str | Path, out: str | Path) -> list[Job]:
+    """The jobs of a study spec, checked up front: unknown keys, presets, fields, duplicate names and
+    derived steps that name no run each give a one-line error naming the entry."""
+    path, out = Path(path), Path(out)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise LLTError(f"{path}: cannot read the study spec ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise LLTError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise LLTError(f"{path}: a study spec is a mapping with seeds, runs and derived")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise LLTError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(SPEC_KEYS))})")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise LLTError(f"{path}: seeds must be a list of distinct integers, got {seeds!r}")
+    runs, derived = spec.get("runs") or [], spec.get("derived") or []
+    if not isinstance(runs, list) or not runs:
+        raise LLTError(f"{path}: runs must be a non-empty list")
+    names = Counter(str(e.get("name")) for e in [*runs, *derived] if isinstance(e, dict))
+    dup = [n for n, c in names.items() if c > 1]
+    if dup:
+        raise LLTError(f"{path}: duplicate run name {dup[0]!r} (every entry needs its own name)")
+    presets = set(available_presets())
+    jobs, ticket_runs = [], {}
+    for i, entry in enumerate(runs, 1):
+        where = f"{path}: runs entry {i} ({_label(entry)})"
+        if not isinstance(entry, dict) or "name" not in entry or "preset" not in entry:
+            raise LLTError(f"{where}: needs a name and a preset")
+        bad = set(entry) - RUN_KEYS
+        if bad:
+            raise LLTError(f"{where}: unknown field(s) {', '.join(sorted(bad))} (allowed: name, preset, set)")
+        preset = str(entry["preset"])
+        if preset not in presets and not Path(preset).is_file():
+            raise LLTError(f"{where}: unknown preset {preset!r} (see `llt show-config --list`)")
+        try:
+            sets = _overrides(entry, where)
+            for seed in seeds:
+                extra = [*sets, f"run.seed={seed}", f"run.name={entry['name']}-s{seed}", f"run.out_dir={json.dumps(str(out))}"]
+                cfg = load_config(preset, extra)
+                d = out / run_name(cfg, preset)
+                jobs.append(Job(entry["name"], seed, ["run", "--preset", preset, *sum((["--set", x] for x in extra), []),
+                                                      "--quiet"], d, epochs=estimate_epochs(cfg),
+                                key=f"{entry['name']}-s{seed}"))
+                ticket_runs[(entry["name"], seed)] = (d, cfg)
+        except LLTError as e:
+            raise LLTError(f"{where}: {e}") from None
+    for i, entry in enumerate(derived, 1):
+        where = f"{path}: derived entry {i} ({_label(entry)})"
+        if not isinstance(entry, dict) or "name" not in entry or "from" not in entry:
+            raise LLTError(f"{where}: needs a name and from (a run's name)")
+        bad = set(entry) - DERIVED_KEYS
+        if bad:
+            raise LLTError(f"{where}: unknown field(s) {', '.join(sorted(bad))} (allowed: name, from, init, mask)")
+        init, mask = str(entry.get("init", "original")), str(entry.get("mask", "ticket"))
+        if init not in ("original", "reference", "random") or mask not in ("ticket", "random", "layerwise-random"):
+            raise LLTError(f"{where}: init must be original, reference or random; mask ticket, random or layerwise-random")
+        for seed in seeds:
+            if (entry["from"], seed) not in ticket_runs:
+                raise LLTError(f"{where}: from {entry['from']!r} names no run of this spec")
+            src, cfg = ticket_runs[(entry["from"], seed)]
+            if cfg.run.method not in ("td", "bu"):
+                raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run (td or bu)")
+            d = out / (f"{src.name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}"))
+            jobs.append(Job(entry["name"], seed, ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
+                                                  "--quiet"], d, after=f"{entry['from']}-s{seed}",
+                            epochs=(cfg.data.num_tasks or 5) * cfg.train.epochs, key=f"{entry['name']}-s{seed}"))
+    return jobs
+
+
+def plan(jobs: list[Job]) -> str:
+    lines = [f"{'job':<28} {'state':<10} {'epochs':>7}  run directory"]
+    for j in jobs:
+        state = "finished" if j.finished() else ("partial" if j.started() else "new")
+        lines.append(f"{j.key:<28} {state:<10} {j.epochs:>7}  {j.directory.name}")
+    todo = [j for j in jobs if not j.finished()]
+    lines.append(f"{len(jobs)} runs, {len(jobs) - len(todo)} finished; about {sum(j.epochs for j in todo)} training "
+                 f"epochs left")
+    return "\n".join(lines)
+
+
+def _command(job: Job) -> list[str]:
+    return [sys.executable, "-m", "llt", *job.args]
+
+
+def _env() -> dict:
+    src = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_job(job: Job, retries: int, log_dir: Path, device: int | None = None) -> tuple[int, str]:
+    """Run one job to the end in its own process, retrying a process that died; (exit status, final SA text).
+    `device`: the CUDA device the process may see (one per local worker)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = _env()
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    for _attempt in range(retries + 1):
+        with open(log_dir / f"{job.key}.log", "a") as log:
+            rc = subprocess.run(_command(job), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if rc == 0 or rc == 2:        # done, or a user error that a retry would not fix
+            break
+    sa = ""
+    if rc == 0 and job.finished():
+        sa = f"{json.loads((job.directory / 'summary.json').read_text())['final_sa']:.2f}"
+    return rc, sa
+
+
+@dataclass
+class Outcome:
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, executor: str = "local",
+              address: str | None = None, quiet: bool = False) -> Outcome:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({"jobs": [dataclasses.asdict(j) | {"directory": str(j.directory)}
+                                                         for j in jobs]}, indent=2, default=str) + "\n")
+    todo = [j for j in jobs if not j.finished()]
+    outcome = Outcome(done=[j.key for j in jobs if j.finished()])
+    if not todo:
+        print(f"study: all {len(jobs)} runs finished before; nothing to do")
+        return outcome
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="study", unit="run", file=sys.stderr)
+    runner = _ray_runner(address) if executor == "ray" else None
+    logs = out / "logs"
+    import queue
+
+    import torch
+
+    slots: queue.Queue = queue.Queue()
+    for i in range(max(1, workers)):
+        slots.put(i if torch.cuda.is_available() and i < torch.cuda.device_count() else None)
+
+    def one(job: Job) -> tuple[Job, int, str]:
+        print(f"study: started {job.key} ({job.args[0]})", flush=True)
+        if runner:
+            return (job, *runner(job, retries, logs))
+        slot = slots.get()
+        try:
+            return (job, *run_job(job, retries, logs, slot))
+        finally:
+            slots.put(slot)
+
+    pending = list(todo)
+    finished: set[str] = set(outcome.done)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        running = {}
+        while pending or running:
+            ready = [j for j in pending if j.after is None or j.after in finished]
+            blocked = [j for j in pending if j.after is not None and j.after in outcome.failed]
+            for j in blocked:
+                pending.remove(j)
+                outcome.failed.append(j.key)
+                print(f"study: skipped {j.key}: {j.after} failed", flush=True)
+            for j in ready[: max(1, workers) - len(running)]:
+                pending.remove(j)
+                running[j.key] = pool.submit(one, j)
+            if not running:
+                if pending:
+                    time.sleep(0.05)
+                continue
+            time.sleep(0.05)
+            for key, fut in list(running.items()):
+                if fut.done():
+                    job, rc, sa = fut.result()
+                    del running[key]
+                    if rc == 0:
+                        finished.add(job.key)
+                        outcome.done.append(job.key)
+                        print(f"study: finished {job.key}: final SA {sa}", flush=True)
+                    else:
+                        outcome.failed.append(job.key)
+                        print(f"study: FAILED {job.key} (exit status {rc}; log: {logs / (job.key + '.log')})", flush=True)
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    if runner is not None:
+        import ray
+
+        ray.shutdown()            # the local Ray instance (or the connection to a cluster) ends with the study
+    return outcome
+
+
+def _ray_runner(address: str | None):
+    try:
+        import ray
+    except ImportError:
+        raise LLTError("--executor ray needs Ray: pip install 'lifelong-tickets[ray]' (or pip install ray)") from None
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    import torch
+
+    gpus = 1 if torch.cuda.is_available() else 0
+
+    @ray.remote(num_gpus=gpus, max_retries=0)
+    def remote(job: Job, retries: int, log_dir: str) -> tuple[int, str]:
+        return run_job(job, retries, Path(log_dir))
+
+    def runner(job: Job, retries: int, log_dir: Path) -> tuple[int, str]:
+        return ray.get(remote.remote(job, retries, str(log_dir)))
+
+    return runner
+
+
+def study_run_dirs(folder: Path) -> list[str]:
+    """The finished run directories of a study folder (for llt report DIR)."""
+    info = json.loads((folder / "study.json").read_text())
+    return [j["directory"] for j in info["jobs"] if (Path(j["directory"]) / "summary.json").is_file()]
+
+
+def default_workers() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1

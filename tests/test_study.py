@@ -1,0 +1,125 @@
+"""`llt study`: a spec of runs x seeds run by local workers (or Ray), skipping what finished, retrying a
+worker that died, refusing malformed specs up front; `llt report` of the study folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+from llt.cli import main
+
+SIZE = ["run.method={m}", "model.width=4", "train.epochs=2", "train.milestones=[1]", "data.num_tasks=2",
+        "data.exemplars_per_class=3", "train.batch_size=32"]
+
+
+def spec(path: Path, methods=("cil", "finetune"), seeds=(0, 1), **extra) -> Path:
+    runs = [{"name": m, "preset": "demo", "set": [s.format(m=m) for s in SIZE]} for m in methods]
+    path.write_text(json.dumps({"seeds": list(seeds), "runs": runs, **extra}))    # JSON is YAML
+    return path
+
+
+def summaries(out: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))}
+
+
+def test_a_study_runs_every_run_once_and_a_second_invocation_does_nothing(tmp_path, capsys):
+    s = spec(tmp_path / "s.yaml")
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    got = summaries(tmp_path / "out")
+    assert sorted(v["method"] + str(v["seed"]) for v in got.values()) == ["cil0", "cil1", "finetune0", "finetune1"]
+    assert out.count("study: finished") == 4 and "final SA" in out
+    before = {k: (tmp_path / "out" / k / "summary.json").stat().st_mtime_ns for k in got}
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 0
+    assert "all 4 runs finished before; nothing to do" in capsys.readouterr().out
+    assert {k: (tmp_path / "out" / k / "summary.json").stat().st_mtime_ns for k in got} == before
+    assert main(["study", str(s), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "4 runs, 4 finished" in capsys.readouterr().out
+    # the study folder reports as one: seeds grouped as mean +- std
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report/report.md").read_text()
+    assert "seeds: [0, 1]" in md and " +- " in md
+
+
+def test_derived_steps_wait_for_their_ticket_run(tmp_path, capsys):
+    s = spec(tmp_path / "s.yaml", methods=("td",), seeds=(0,),
+             derived=[{"name": "td-random", "from": "td", "init": "original", "mask": "random"}])
+    s.write_text(s.read_text().replace('"run.method=td"', '"run.method=td", "prune.td_rounds=[1,0]", '
+                                                         '"prune.finetune_epochs=1"'))
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("study: finished td-s0") < out.index("study: started td-random-s0")
+    [control] = [v for v in summaries(tmp_path / "out").values() if v["method"] == "trtd"]
+    assert control["mask"] == "random"
+
+
+def test_a_worker_killed_mid_run_is_retried_and_ends_as_an_uninterrupted_run(tmp_path):
+    s = spec(tmp_path / "s.yaml", methods=("cil",), seeds=(0,))
+    s.write_text(s.read_text().replace('"train.epochs=2"', '"train.epochs=5"').replace(
+        '"model.width=4"', '"model.width=4", "run.deterministic=true"'))
+    job_args = json.loads(s.read_text())["runs"][0]["set"]
+    assert main(["run", "--preset", "demo", "--quiet", "--out", str(tmp_path / "clean"), "--set", "run.name=cil-s0",
+                 "--set", "run.seed=0", *sum((["--set", x] for x in job_args), [])]) == 0       # the same run, uninterrupted
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    study = subprocess.Popen([sys.executable, "-m", "llt", "study", str(s), "--out", str(tmp_path / "out")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and killed is None:      # kill the worker once it is inside task 2
+        for note in (tmp_path / "out").glob("*/lock"):
+            rd = note.parent
+            if (rd / "stages/task1.done").is_file() and list(rd.glob("checkpoints/epoch/*.pt")):
+                try:
+                    killed = json.loads(note.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    assert killed is not None, "the worker never reached task 2"
+    out, _ = study.communicate(timeout=240)
+    assert study.returncode == 0, out
+    assert "study: finished cil-s0" in out
+    [(name, got)] = summaries(tmp_path / "out").items()
+    [(_, clean)] = summaries(tmp_path / "clean").items()
+    assert got["accuracy_matrix"] == clean["accuracy_matrix"]
+    log = (tmp_path / "out/logs/cil-s0.log").read_text()
+    assert "taking over" in log and "continuing after epoch" in log       # the retry resumed the killed run
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["runs"][0].update(preset="no-such-preset"), "runs entry 1 (cil): unknown preset 'no-such-preset'"),
+    (lambda d: d["runs"][1].update(set=["train.epochz=3"]), "runs entry 2 (finetune): unknown config key 'train.epochz'"),
+    (lambda d: d["runs"][1].update(name="cil"), "duplicate run name 'cil'"),
+    (lambda d: d.update(sedes=[0]), "unknown field(s) sedes"),
+    (lambda d: d["runs"][0].update(extra=1), "runs entry 1 (cil): unknown field(s) extra"),
+    (lambda d: d.update(derived=[{"name": "x", "from": "cil"}]), "derived entry 1 (x): from 'cil' is a cil run, not a ticket run"),
+    (lambda d: d.update(derived=[{"name": "x", "from": "nothing"}]), "derived entry 1 (x): from 'nothing' names no run"),
+])
+def test_a_malformed_spec_is_refused_up_front(tmp_path, capsys, edit, message):
+    s = spec(tmp_path / "s.yaml")
+    d = json.loads(s.read_text())
+    edit(d)
+    s.write_text(json.dumps(d))
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_ray_executor_runs_the_same_tiny_spec(tmp_path, capsys):
+    pytest.importorskip("ray")
+    s = spec(tmp_path / "s.yaml", methods=("finetune",), seeds=(0, 1))
+    assert main(["study", str(s), "--out", str(tmp_path / "out"), "--executor", "ray", "--workers", "2"]) == 0
+    assert len(summaries(tmp_path / "out")) == 2
+
+
+def test_without_ray_the_ray_executor_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)            # as if Ray were not installed
+    s = spec(tmp_path / "s.yaml", methods=("finetune",), seeds=(0,))
+    assert main(["study", str(s), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
+    assert "--executor ray needs Ray: pip install 'lifelong-tickets[ray]'" in capsys.readouterr().err
