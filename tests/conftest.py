@@ -136,3 +136,30 @@ def full_disk(when) -> pytest.MonkeyPatch:
 
         patch.setattr(storage, name, failing)
     return patch
+
+
+BU_TINY = ["--set", "run.method=bu", "--set", "model.width=4", "--set", "train.epochs=2", "--set", "train.milestones=[1]",
+           "--set", "data.num_tasks=3", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
+           "--set", "prune.rate=0.2", "--set", "prune.finetune_epochs=1", "--set", "prune.max_rounds=2",
+           "--set", "prune.retrain_after=false"]
+
+
+@pytest.fixture(scope="session")
+def grown(tmp_path_factory):
+    """A tiny finished Bottom-Up run in which every task re-grows (accept forced off) and the stop rules
+    never fire, so every loop runs to the cap: masks that really grow. Shared by the Bottom-Up and the
+    lottery-control tests (read-only: tests copy it before changing anything)."""
+    from llt.cli import main
+    from llt.methods import bottomup
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bottomup, "accept_ticket", lambda gap, decay: False)
+    mp.setattr(bottomup, "first_task_rule_broken", lambda *a: False)
+    mp.setattr(bottomup, "regrow_rule_broken", lambda *a: False)
+    out = tmp_path_factory.mktemp("bu")
+    try:
+        assert main(["run", "--preset", "demo", "--out", str(out), "--quiet", *BU_TINY]) == 0
+    finally:
+        mp.undo()
+    [rd] = list(out.iterdir())
+    return rd

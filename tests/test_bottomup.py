@@ -42,22 +42,6 @@ def test_stop_rules_follow_the_original():
     assert bottomup.accept_ticket(0.99, 1.0) and not bottomup.accept_ticket(1.0, 1.0)
 
 
-@pytest.fixture(scope="module")
-def grown(tmp_path_factory):
-    """Every task re-grows (accept forced off); the rules never fire, so every loop runs to the cap."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(bottomup, "accept_ticket", lambda gap, decay: False)
-    mp.setattr(bottomup, "first_task_rule_broken", lambda *a: False)
-    mp.setattr(bottomup, "regrow_rule_broken", lambda *a: False)
-    out = tmp_path_factory.mktemp("bu")
-    try:
-        assert run_bu(out) == 0
-    finally:
-        mp.undo()
-    [rd] = list(out.iterdir())
-    return rd
-
-
 def test_masks_only_grow_and_follow_the_round_arithmetic(grown):
     m1, m2, m3 = masks_of(grown)
     assert m1.issubset(m2) and m2.issubset(m3)

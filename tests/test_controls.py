@@ -9,7 +9,6 @@ import torch
 
 from llt.cli import main
 from llt.errors import LLTError
-from llt.methods import bottomup
 from llt.models import build_model
 from llt.pruning import Mask, global_magnitude_prune, random_controls
 from llt.storage import load_checkpoint
@@ -69,19 +68,10 @@ def run(out, args):
     return main(["run", "--preset", "demo", "--out", str(out), "--quiet", *args])
 
 
-@pytest.fixture(scope="module")
-def bu_run(tmp_path_factory):
-    mp = pytest.MonkeyPatch()                       # every task re-grows: masks that really grow
-    mp.setattr(bottomup, "accept_ticket", lambda gap, decay: False)
-    mp.setattr(bottomup, "regrow_rule_broken", lambda *a: False)
-    mp.setattr(bottomup, "first_task_rule_broken", lambda *a: False)
-    out = tmp_path_factory.mktemp("bu")
-    try:
-        assert run(out, BU) == 0
-    finally:
-        mp.undo()
-    [rd] = list(out.iterdir())
-    return rd
+@pytest.fixture
+def bu_run(grown):
+    """The shared tiny Bottom-Up run whose masks grow at every task (conftest.grown)."""
+    return grown
 
 
 @pytest.fixture(scope="module")

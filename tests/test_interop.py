@@ -258,3 +258,6 @@ def test_retrain_with_a_named_teacher_builds_its_teaching_set(td_run, tmp_path):
     assert (rd / "stages/teach1.done").is_file() and (rd / "teaching/task1.pt").is_file()
     assert main(args) == 0                                   # a rerun skips the finished stage
     assert json.loads((rd / "result.json").read_text())["row"] == result["row"]
+    assert main(["resume", str(rd), "--quiet"]) == 0         # llt resume knows it is a re-training
+    assert json.loads((rd / "result.json").read_text())["row"] == result["row"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [rd.name]

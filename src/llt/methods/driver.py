@@ -69,6 +69,20 @@ def resume(run_dir: str, data_dir: str | None = None, progress: str = "auto") ->
             raise LLTError(f"{retrain}: not a valid re-training record ({e})") from None
         run_retrain(source, init, mask, out_dir=rd.path.parent, data_dir=data_dir, progress=progress)
         return 0
+    external = rd.file("external.json")
+    if external.is_file():          # llt retrain --weights W --mask M --task k
+        from llt.methods.external import retrain_subnetwork
+
+        try:
+            info = json.loads(external.read_text())
+            args = (info["weights"], info["mask"], int(info["task"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise LLTError(f"{external}: not a valid re-training record ({e})") from None
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(rd.path.parent)))
+        retrain_subnetwork(*args, cfg, info.get("preset"), info.get("teacher"), progress)
+        return 0
     if rd.file("summary.json").is_file():
         print(f"{rd.path} is finished; checking every stage and printing its results again")
     manifest = json.loads(rd.file("manifest.json").read_text())

@@ -91,6 +91,8 @@ def retrain_subnetwork(weights: str, mask_src: str, task: int, cfg: RunConfig, p
     rd = RunDir.create(ensure_writable(cfg.run.out_dir), f"retrain-task{task}-{ident}")
     with rd.lock():
         ctx = prepare(cfg, preset, rd=rd)
+        rd.write_json("external.json", {"weights": str(weights), "mask": str(mask_src), "task": task,
+                                        "teacher": teacher, "preset": preset})
         n = ctx.stream.num_tasks
         if not 1 <= task <= n:
             raise LLTError(f"--task must be in 1..{n} for this stream, got {task}")
