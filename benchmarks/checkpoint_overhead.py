@@ -16,7 +16,7 @@ each training. Reported:
     write_seconds               background time per checkpoint write (host copy, serialise, fsync, rename)
     checkpoint_mb, dropped      size of one checkpoint; snapshots replaced before being written
     resume_load_seconds         reading the checkpoint file (torch.load, weights_only)
-    resume_restore_seconds      restoring model, optimizer, scheduler, generators and sub-batch streams
+    resume_restore_seconds      restoring model, optimizer, generators and sub-batch streams
 
 Checkpoints go to --dir (default: a temporary folder on the same disk as the working directory).
 --write-only skips the training: it times the snapshot and the write of a full training state (model,
@@ -37,6 +37,7 @@ from _common import add_workload_args, distill_workload, machine, sync
 from llt.checkpointing import EpochCheckpoint
 from llt.data.augment import make_generator
 from llt.models import conv_weight_names
+from llt.pruning import Mask
 from llt.trainer import Schedule, TaskData, Trainer
 
 
@@ -45,10 +46,10 @@ def build(args, dev):
     model, g = w["model"], w["generator"]
     data = TaskData(w["images"], w["labels"], w["new_idx"], w["memory_idx"], w["val_idx"], w["teaching"])
     params = dict(model.named_parameters())
-    mask = {n: torch.rand(params[n].shape, device=dev, generator=g) < args.density for n in conv_weight_names(model)}
+    mask = Mask({n: torch.rand(params[n].shape, device=dev, generator=g) < args.density for n in conv_weight_names(model)})
     autocast = None if (args.fp32 or dev.type != "cuda") else torch.bfloat16
-    trainer = Trainer(model, w["normalizer"], autocast, eval_batch_size=1024, mask=mask, compile=args.compile)
-    return trainer, data, w["old_tasks"]
+    trainer = Trainer(model, w["normalizer"], autocast, eval_batch_size=1024, compile=args.compile)
+    return trainer, data, w["old_tasks"], mask
 
 
 def main():
@@ -68,7 +69,7 @@ def main():
     if args.compile and dev.type != "cuda":   # llt compiles on CUDA only; inductor's CPU backward of this model crashed
         ap.error("--compile is for CUDA devices (llt never compiles on the CPU)")
     torch.backends.cudnn.benchmark = True
-    trainer, data, k = build(args, dev)
+    trainer, data, k, mask = build(args, dev)
     sched = Schedule(epochs=args.epochs, lr=0.01, milestones=(60, 80), batch_size=256)
     tmp = tempfile.TemporaryDirectory(dir=args.dir or ".", prefix=".llt-bench-ckpt-")
     path = Path(tmp.name) / "epoch" / "bench.pt"
@@ -77,7 +78,7 @@ def main():
     def train(seed: int, checkpoint: EpochCheckpoint | None) -> float:
         sync(dev)
         t0 = time.perf_counter()
-        trainer.fit_task(k, data, sched, make_generator(seed, dev), checkpoint=checkpoint)
+        trainer.fit_task(k, data, sched, make_generator(seed, dev), mask=mask, checkpoint=checkpoint)
         if checkpoint is not None:
             checkpoint.close()           # as Engine.fit does: waits for the write in progress
         sync(dev)
@@ -106,7 +107,7 @@ def main():
         done = Schedule(epochs=state["meta"]["epoch"], lr=0.01, milestones=(60, 80), batch_size=256)
         sync(dev)
         t0 = time.perf_counter()
-        trainer.fit_task(k, data, done, make_generator(0, dev), resume=state)
+        trainer.fit_task(k, data, done, make_generator(0, dev), mask=mask, resume=state)
         sync(dev)
         restore.append(time.perf_counter() - t0)
     size = path.stat().st_size
