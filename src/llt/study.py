@@ -93,8 +93,15 @@ def estimate_epochs(cfg) -> int:
     return n * e
 
 
-def _label(entry) -> str:
-    return str(entry.get("name", "?")) if isinstance(entry, dict) else repr(entry)
+def _check_entry(entry, prefix: str, required: tuple[str, ...], allowed: set[str]) -> str:
+    """The entry's name for messages ("<prefix> (<name>)"); LLTError for a missing or unknown field."""
+    where = f"{prefix} ({entry.get('name', '?') if isinstance(entry, dict) else repr(entry)})"
+    if not isinstance(entry, dict) or any(k not in entry for k in required):
+        raise LLTError(f"{where}: needs {' and '.join(required)}")
+    bad = set(entry) - allowed
+    if bad:
+        raise LLTError(f"{where}: unknown field(s) {', '.join(sorted(bad))} (allowed: {', '.join(sorted(allowed))})")
+    return where
 
 
 def load_spec(path: str | Path, out: str | Path) -> list[Job]:
@@ -125,12 +132,7 @@ def load_spec(path: str | Path, out: str | Path) -> list[Job]:
     presets = set(available_presets())
     jobs, ticket_runs = [], {}
     for i, entry in enumerate(runs, 1):
-        where = f"{path}: runs entry {i} ({_label(entry)})"
-        if not isinstance(entry, dict) or "name" not in entry or "preset" not in entry:
-            raise LLTError(f"{where}: needs a name and a preset")
-        bad = set(entry) - RUN_KEYS
-        if bad:
-            raise LLTError(f"{where}: unknown field(s) {', '.join(sorted(bad))} (allowed: name, preset, set)")
+        where = _check_entry(entry, f"{path}: runs entry {i}", ("name", "preset"), RUN_KEYS)
         preset = str(entry["preset"])
         if preset not in presets and not Path(preset).is_file():
             raise LLTError(f"{where}: unknown preset {preset!r} (see `llt show-config --list`)")
@@ -147,12 +149,7 @@ def load_spec(path: str | Path, out: str | Path) -> list[Job]:
         except LLTError as e:
             raise LLTError(f"{where}: {e}") from None
     for i, entry in enumerate(derived, 1):
-        where = f"{path}: derived entry {i} ({_label(entry)})"
-        if not isinstance(entry, dict) or "name" not in entry or "from" not in entry:
-            raise LLTError(f"{where}: needs a name and from (a run's name)")
-        bad = set(entry) - DERIVED_KEYS
-        if bad:
-            raise LLTError(f"{where}: unknown field(s) {', '.join(sorted(bad))} (allowed: name, from, init, mask)")
+        where = _check_entry(entry, f"{path}: derived entry {i}", ("name", "from"), DERIVED_KEYS)
         init, mask = str(entry.get("init", "original")), str(entry.get("mask", "ticket"))
         if init not in ("original", "reference", "random") or mask not in ("ticket", "random", "layerwise-random"):
             raise LLTError(f"{where}: init must be original, reference or random; mask ticket, random or layerwise-random")
