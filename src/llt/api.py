@@ -51,13 +51,16 @@ class StreamData:
     class_names: list
 
 
+def stream_data(cfg) -> StreamData:
+    """The data and task stream a config describes, built exactly as its runs build them."""
+    ds = load_dataset(cfg.data)
+    return StreamData(stream_for(cfg, ds), ds.test_images, tuple(ds.mean), tuple(ds.std), list(ds.class_names or []))
+
+
 def open_stream(preset: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> StreamData:
     """The data and task stream of a preset (with `--set`-style overrides, e.g. "data.data_dir=~/data"),
     built exactly as a run of that preset builds them (same class order, splits, seed)."""
-    cfg = load_config(preset, list(overrides))
-    ds = load_dataset(cfg.data)
-    stream = stream_for(cfg, ds)
-    return StreamData(stream, ds.test_images, tuple(ds.mean), tuple(ds.std), list(ds.class_names or []))
+    return stream_data(load_config(preset, list(overrides)))
 
 
 def evaluate(model: torch.nn.Module, data: StreamData, task: int, batch_size: int = 512) -> list[float]:

@@ -119,7 +119,7 @@ def load_ticket(path, stem_stride: int = 1):
     """(model, mask, info) from any ticket file: a packed, llt or prune export of llt, an llt stage
     checkpoint, or a checkpoint/mask of the original code. `mask` is None for a dense file. Never runs
     code from the file; pruned weights of the model are zero."""
-    from llt.interop import load_external, read_tensors
+    from llt.interop import convert, read_tensors
 
     obj, skipped = read_tensors(path)
     info = {"skipped": skipped}
@@ -134,10 +134,9 @@ def load_ticket(path, stem_stride: int = 1):
         info.update(format="llt", meta=meta)
     else:
         arch_json = obj.get("llt_model") if isinstance(obj, dict) else None
-        probe, _, _ = load_external(path)
-        arch = json.loads(arch_json) if isinstance(arch_json, str) else infer_architecture(probe, stem_stride)
+        arch = json.loads(arch_json) if isinstance(arch_json, str) else infer_architecture(convert(obj, path)[0], stem_stride)
         model = rebuild(arch)
-        state, mask, skipped = load_external(path, model)
+        state, mask = convert(obj, path, model)         # the file is read once
         info.update(format="prune" if arch_json else "checkpoint")
     try:
         model.load_state_dict(state)

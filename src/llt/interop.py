@@ -17,6 +17,7 @@ run code cannot: its callables (os.system, eval, ...) are placeholders too, and 
 
 from __future__ import annotations
 
+import builtins
 import io
 import pickle
 import warnings
@@ -56,7 +57,7 @@ def _placeholder(full: str) -> type:
 
 
 # Plain constructors a checkpoint may call through REDUCE; none of them runs code.
-_SAFE = {("builtins", n): getattr(__builtins__, n) if not isinstance(__builtins__, dict) else __builtins__[n]
+_SAFE = {("builtins", n): getattr(builtins, n)
          for n in ("dict", "list", "set", "frozenset", "tuple", "int", "float", "bool", "str", "bytes", "complex",
                    "slice", "range")}
 _SAFE.update({("__builtin__", n): c for (_, n), c in list(_SAFE.items())})     # protocol-2 spelling
@@ -187,6 +188,12 @@ def load_external(path: str | Path, model: torch.nn.Module | None = None) -> tup
     class names). With `model`, names and shapes are checked against it; a mask file yields an empty
     state_dict."""
     obj, skipped = read_tensors(path)
+    state, mask = convert(obj, path, model)
+    return state, mask, skipped
+
+
+def convert(obj, path, model: torch.nn.Module | None = None) -> tuple[dict, Mask | None]:
+    """What read_tensors returned, as (state_dict in llt's names, Mask or None); see load_external."""
     if isinstance(obj, dict) and set(obj) == {"state", "meta"}:        # llt's own checkpoint layout
         obj = obj["state"]
         if all(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in obj.values()):
@@ -216,4 +223,4 @@ def load_external(path: str | Path, model: torch.nn.Module | None = None) -> tup
                 raise LLTError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
         for k in own:
             state.setdefault(k, own[k].clone())
-    return state, mask, skipped
+    return state, mask

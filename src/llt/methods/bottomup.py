@@ -191,9 +191,10 @@ class BottomUp:
                     raise AssertionError(f"task {T}: re-growing removed ticket weights ({old.first_outside(mask)})")
         eng.load(state, "the ticket")
         row = eng.accuracy(t)["row"]
-        eng.load(ref_state, "the reference")      # herding (if chosen) uses the reference's features
-        eng.herd(t)
-        eng.load(state, "the ticket")
+        if self.ctx.stream.exemplar_selection == "herding":
+            eng.load(ref_state, "the reference")  # herding uses the reference's features
+            eng.herd(t)
+            eng.load(state, "the ticket")
         print(task_line(t, n, row, f"dense SA {_sa(ref['row']):.2f} | remaining weights "
                                    f"{100 * mask.density():.2f} % | {decision}"))
         meta = {"task": T, "row": row, "ref_row": ref["row"], "density": mask.density(), "decision": decision,

@@ -38,10 +38,12 @@ class EWCPenalty:
         self.lam = lam
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        params = dict(model.named_parameters())
+        if getattr(self, "_model", None) is not model:     # resolved once per training, not on every step
+            named = dict(model.named_parameters())
+            self._model, self._params = model, [named[n] for n in self.names]
         total = torch.zeros((), device=self.fisher[0].device if self.fisher else None)
-        for name, f, a in zip(self.names, self.fisher, self.anchor):
-            total = total + (f * (params[name].float() - a) ** 2).sum()
+        for p, f, a in zip(self._params, self.fisher, self.anchor):
+            total = total + (f * (p.float() - a) ** 2).sum()
         return 0.5 * self.lam * total
 
 

@@ -18,7 +18,7 @@ import torch
 
 from llt.config import RunConfig
 from llt.console import task_line
-from llt.context import open_run, prepare, resolve_device, stream_for
+from llt.context import open_run, prepare, resolve_device
 from llt.errors import LLTError
 from llt.export import export_state, infer_architecture, load_ticket, rebuild
 from llt.interop import load_external
@@ -28,24 +28,15 @@ from llt.runs import RunDir, config_hash, ensure_writable
 from llt.storage import atomic_torch_save, load_checkpoint
 
 
-def _stream_data(cfg: RunConfig):
-    from llt.api import StreamData
-    from llt.data.sources import load_dataset
-
-    ds = load_dataset(cfg.data)
-    stream = stream_for(cfg, ds)
-    return StreamData(stream, ds.test_images, tuple(ds.mean), tuple(ds.std), list(ds.class_names or []))
-
-
 def evaluate_checkpoint(path: str, task: int, cfg: RunConfig, pruned: bool = False) -> dict:
     """Test accuracy on tasks 1..task of any checkpoint file, on the stream `cfg` describes."""
-    from llt.api import evaluate
+    from llt.api import evaluate, stream_data
 
     stride = cfg.model.stem_stride or 1
     model, mask, info = load_ticket(path, stem_stride=stride)
     if pruned and mask is None:
         raise LLTError(f"{path}: --pruned: the file holds no mask (no weight_mask entries, not a ticket export)")
-    data = _stream_data(cfg)
+    data = stream_data(cfg)
     if task < 1 or task > data.stream.num_tasks:
         raise LLTError(f"--task must be in 1..{data.stream.num_tasks} for this stream, got {task}")
     model = model.to(resolve_device(cfg.run.device)).eval()
