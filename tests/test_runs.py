@@ -128,4 +128,8 @@ def test_run_name_hashes_the_full_config_including_defaults():
     assert config_hash(a) != config_hash(b)
     moved = dataclasses.replace(a, run=dataclasses.replace(a.run, out_dir="elsewhere"))
     assert config_hash(moved) == config_hash(a)          # the output folder is not part of a run's identity
+    data_moved = dataclasses.replace(a, data=dataclasses.replace(a.data, data_dir="/mnt/x", cache_dir="/tmp/c"))
+    assert config_hash(data_moved) == config_hash(a)     # nor where its data are read from
+    subset = dataclasses.replace(a, data=dataclasses.replace(a.data, train_per_class=10))
+    assert config_hash(subset) != config_hash(a)         # but which data it trains on is
     assert run_name(a, "paper-cifar10-bu").startswith("paper-cifar10-bu-bu-cifar10-s0-")

@@ -123,3 +123,30 @@ def test_without_ray_the_ray_executor_is_a_clear_error(tmp_path, capsys, monkeyp
     s = spec(tmp_path / "s.yaml", methods=("finetune",), seeds=(0,))
     assert main(["study", str(s), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
     assert "--executor ray needs Ray: pip install 'lifelong-tickets[ray]'" in capsys.readouterr().err
+
+
+def test_study_wide_overrides_and_data_dir_reach_every_job_in_seed_major_order(tmp_path, capsys):
+    from llt.study import load_spec
+
+    s = spec(tmp_path / "s.yaml", methods=("cil", "td"), derived=[{"name": "trtd", "from": "td"}])
+    d = json.loads(s.read_text())
+    d["runs"][1]["set"].append("prune.td_rounds=[1,1]")
+    s.write_text(json.dumps(d))
+    out = tmp_path / "out"
+    plain = load_spec(s, out)
+    moved = load_spec(s, out, data_dir="/data/elsewhere")
+    # the data's location is not part of a run's identity: the same study continues from another folder
+    assert [j.directory for j in moved] == [j.directory for j in plain]
+    for j in moved:
+        flat = " ".join(j.args)
+        assert ('data.data_dir="/data/elsewhere"' in flat) if j.args[0] == "run" else ("--data-dir /data/elsewhere" in flat)
+    # a study-wide --set comes after each entry's own (train.epochs=2 there), so it wins
+    shorter = load_spec(s, out, ["train.epochs=1"])
+    assert {j.key: j.epochs for j in shorter if j.args[0] == "run" and j.key.startswith("cil")} == {"cil-s0": 2, "cil-s1": 2}
+    assert [j.directory for j in shorter] != [j.directory for j in plain]
+    # seed-major: every job of seed 0, its derived step included, before any job of seed 1
+    assert [j.key for j in plain] == ["cil-s0", "td-s0", "trtd-s0", "cil-s1", "td-s1", "trtd-s1"]
+    assert main(["study", str(s), "--out", str(out), "--set", "train.epochz=1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "study-wide --set/--data-dir: unknown config key 'train.epochz'" in err and err.count("\n") == 1
+    assert not out.exists()

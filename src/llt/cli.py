@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="local workers (default: one per CUDA device, 1 on CPU)")
     p.add_argument("--address", help="--executor ray: the address of an existing Ray cluster (default: a local one)")
     p.add_argument("--retries", type=int, default=1, help="times a job whose process died is started again")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override for every run of the study (after each entry's own; repeatable)")
+    p.add_argument("--data-dir", help="the data folder for every job (shortcut for --set data.data_dir=DIR)")
 
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_config_args(p)
@@ -214,7 +217,7 @@ def cmd_study(args) -> int:
 
     from llt.study import default_workers, load_spec, plan, run_study
 
-    jobs = load_spec(args.spec, args.out)
+    jobs = load_spec(args.spec, args.out, args.overrides, args.data_dir)
     print(plan(jobs))
     if args.dry_run:
         return 0

@@ -44,15 +44,26 @@ SUMMARY_KEYS = ("method", "dataset", "num_tasks", "seed", "accuracy_matrix", "sa
 
 
 # Config fields that say how a run is carried out, not what it computes: left out of the run's identity.
+# The data's location is one of them (a run keeps its name when the data move; the stream's fingerprint,
+# checked on resume, guards what the data are).
 OPERATIONAL_FIELDS = ("out_dir", "checkpoint_every")
+DATA_LOCATION_FIELDS = ("data_dir", "cache_dir", "download")
+
+
+def identity_tree(cfg_tree: dict) -> dict:
+    """A config tree without its operational fields (section run) and data location (section data)."""
+    tree = json.loads(json.dumps(cfg_tree))
+    for section, keys in (("run", OPERATIONAL_FIELDS), ("data", DATA_LOCATION_FIELDS)):
+        for k in keys:
+            tree.get(section, {}).pop(k, None)
+    return tree
 
 
 def config_hash(cfg: RunConfig) -> str:
     """Hash of every config value except the operational ones (run.out_dir, the folder that holds the run,
-    and run.checkpoint_every): a run directory moved to another output folder keeps its identity, and a
-    run can be continued with another checkpoint interval."""
-    tree = to_tree(cfg)
-    tree["run"] = {k: v for k, v in tree["run"].items() if k not in OPERATIONAL_FIELDS}
+    run.checkpoint_every, and where the data are read from): a run directory moved to another output folder
+    or machine keeps its identity, and a run can be continued with another checkpoint interval."""
+    tree = identity_tree(to_tree(cfg))
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -104,10 +104,18 @@ def _check_entry(entry, prefix: str, required: tuple[str, ...], allowed: set[str
     return where
 
 
-def load_spec(path: str | Path, out: str | Path) -> list[Job]:
+def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ...] = (),
+              data_dir: str | None = None) -> list[Job]:
     """The jobs of a study spec, checked up front: unknown keys, presets, fields, duplicate names and
-    derived steps that name no run each give a one-line error naming the entry."""
+    derived steps that name no run each give a one-line error naming the entry. `sets`: overrides for
+    every run of the study, after each entry's own; `data_dir`: where every job reads its data (not part
+    of any run's identity, so the same study can be continued from another data folder)."""
     path, out = Path(path), Path(out)
+    common = list(sets) + ([f"data.data_dir={json.dumps(str(data_dir))}"] if data_dir else [])
+    try:
+        load_config(None, common)             # unknown keys and bad values, before any entry is read
+    except LLTError as e:
+        raise LLTError(f"{path}: study-wide --set/--data-dir: {e}") from None
     try:
         spec = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -139,7 +147,7 @@ def load_spec(path: str | Path, out: str | Path) -> list[Job]:
         try:
             sets = _overrides(entry, where)
             for seed in seeds:
-                extra = [*sets, f"run.seed={seed}", f"run.name={entry['name']}-s{seed}", f"run.out_dir={json.dumps(str(out))}"]
+                extra = [*sets, *common, f"run.seed={seed}", f"run.name={entry['name']}-s{seed}", f"run.out_dir={json.dumps(str(out))}"]
                 cfg = load_config(preset, extra)
                 d = out / run_name(cfg, preset)
                 jobs.append(Job(entry["name"], seed, ["run", "--preset", preset, *sum((["--set", x] for x in extra), []),
@@ -161,9 +169,11 @@ def load_spec(path: str | Path, out: str | Path) -> list[Job]:
                 raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run (td or bu)")
             d = out / (f"{src.name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}"))
             jobs.append(Job(entry["name"], seed, ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
-                                                  "--quiet"], d, after=f"{entry['from']}-s{seed}",
+                                                  *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"], d, after=f"{entry['from']}-s{seed}",
                             epochs=(cfg.data.num_tasks or 5) * cfg.train.epochs, key=f"{entry['name']}-s{seed}"))
-    return jobs
+    # Seed-major order (every run of the first seed, then its derived steps, then the next seed): with one
+    # worker, a study stopped part-way leaves whole seeds finished rather than every method half done.
+    return sorted(jobs, key=lambda j: seeds.index(j.seed))
 
 
 def plan(jobs: list[Job]) -> str:
@@ -237,7 +247,11 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
     for i in range(max(1, workers)):
         slots.put(i if torch.cuda.is_available() and i < torch.cuda.device_count() else None)
 
+    started_at: dict[str, float] = {}
+    t_study = time.monotonic()
+
     def one(job: Job) -> tuple[Job, int, str]:
+        started_at[job.key] = time.monotonic()
         print(f"study: started {job.key} ({job.args[0]})", flush=True)
         if runner:
             return (job, *runner(job, retries, logs))
@@ -270,10 +284,11 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
                 if fut.done():
                     job, rc, sa = fut.result()
                     del running[key]
+                    took = f"{time.monotonic() - started_at.get(key, t_study):.0f} s; study {time.monotonic() - t_study:.0f} s"
                     if rc == 0:
                         finished.add(job.key)
                         outcome.done.append(job.key)
-                        print(f"study: finished {job.key}: final SA {sa}", flush=True)
+                        print(f"study: finished {job.key}: final SA {sa} ({took})", flush=True)
                     else:
                         outcome.failed.append(job.key)
                         print(f"study: FAILED {job.key} (exit status {rc}; log: {logs / (job.key + '.log')})", flush=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llt.errors import LLTError
-from llt.runs import OPERATIONAL_FIELDS, check_summary, read_records
+from llt.runs import check_summary, identity_tree, read_records
 
 METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU", "trtd": "TR-TD",
                 "finetune": "Fine-tune", "joint": "Joint", "replay": "Replay", "lwf": "LwF", "ewc": "EWC", "icarl": "iCaRL"}
@@ -81,8 +81,8 @@ def load_run(path: str | Path) -> Run:
 
 def group_key(run: Run) -> str:
     """Runs that differ only by seed (and name/output folder) share a key."""
-    cfg = json.loads(json.dumps(run.config))
-    for k in ("seed", "name", *OPERATIONAL_FIELDS):
+    cfg = identity_tree(run.config)
+    for k in ("seed", "name"):
         cfg.get("run", {}).pop(k, None)
     s = run.summary
     blob = json.dumps({"method": s["method"], "init": s.get("init"), "mask": s.get("mask"), "cfg": cfg}, sort_keys=True)
