@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 
 from llt.cli import main
+from llt.runs import lock_held
 
 SIZE = ["run.method={m}", "model.width=4", "train.epochs=2", "train.milestones=[1]", "data.num_tasks=2",
         "data.exemplars_per_class=3", "train.batch_size=32"]
@@ -90,6 +91,34 @@ def test_a_worker_killed_mid_run_is_retried_and_ends_as_an_uninterrupted_run(tmp
     assert got["accuracy_matrix"] == clean["accuracy_matrix"]
     log = (tmp_path / "out/logs/cil-s0.log").read_text()
     assert "taking over" in log and "continuing after epoch" in log       # the retry resumed the killed run
+
+
+def test_stopping_a_study_stops_its_workers_without_retrying_them(tmp_path):
+    s = spec(tmp_path / "s.yaml", methods=("cil",), seeds=(0,))
+    s.write_text(s.read_text().replace('"train.epochs=2"', '"train.epochs=30"'))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    study = subprocess.Popen([sys.executable, "-m", "llt", "study", str(s), "--out", str(tmp_path / "out")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, worker = time.time() + 120, None
+    while time.time() < deadline and worker is None:      # stop the study once its worker is training
+        for note in (tmp_path / "out").glob("*/lock"):
+            if list(note.parent.glob("checkpoints/epoch/*.pt")):
+                try:
+                    worker = json.loads(note.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue
+        time.sleep(0.02)
+    assert worker is not None, "the worker never started training"
+    study.send_signal(signal.SIGTERM)
+    out, _ = study.communicate(timeout=60)
+    assert study.returncode == 143, out
+    assert "study: stopping 1 running job(s); 0 of 1 runs finished" in out
+    [rd] = [p.parent for p in (tmp_path / "out").glob("*/.lock")]
+    assert not lock_held(rd) and not (rd / "summary.json").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)                                # the worker is gone, not left training
+    log = (tmp_path / "out/logs/cil-s0.log").read_text()
+    assert log.count("test images of shape") == 1 and "stopped by SIGTERM" in log     # stopped once, not retried
 
 
 @pytest.mark.parametrize("edit, message", [

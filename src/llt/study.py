@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -198,17 +199,32 @@ def _env() -> dict:
     return env
 
 
-def run_job(job: Job, retries: int, log_dir: Path, device: int | None = None) -> tuple[int, str]:
+STOPPED = (130, 143)   # the exit status of an llt run stopped on purpose (Ctrl-C, SIGTERM): not retried
+
+
+def run_job(job: Job, retries: int, log_dir: Path, device: int | None = None,
+            stop: threading.Event | None = None) -> tuple[int, str]:
     """Run one job to the end in its own process, retrying a process that died; (exit status, final SA text).
-    `device`: the CUDA device the process may see (one per local worker)."""
+    `device`: the CUDA device the process may see (one per local worker). When `stop` is set, the process
+    gets SIGTERM (it keeps its finished stages and last epoch checkpoint) and is not retried."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = _env()
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(device)
     for _attempt in range(retries + 1):
         with open(log_dir / f"{job.key}.log", "a") as log:
-            rc = subprocess.run(_command(job), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        if rc == 0 or rc == 2:        # done, or a user error that a retry would not fix
+            proc = subprocess.Popen(_command(job), stdout=log, stderr=subprocess.STDOUT, env=env)
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop is not None and stop.is_set():
+                        proc.terminate()
+                        rc = proc.wait()
+                        break
+        # done, a user error that a retry would not fix, or stopped on purpose
+        if rc == 0 or rc == 2 or rc in STOPPED or (stop is not None and stop.is_set()):
             break
     sa = ""
     if rc == 0 and job.finished():
@@ -249,6 +265,7 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
 
     started_at: dict[str, float] = {}
     t_study = time.monotonic()
+    stop = threading.Event()
 
     def one(job: Job) -> tuple[Job, int, str]:
         started_at[job.key] = time.monotonic()
@@ -257,7 +274,7 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
             return (job, *runner(job, retries, logs))
         slot = slots.get()
         try:
-            return (job, *run_job(job, retries, logs, slot))
+            return (job, *run_job(job, retries, logs, slot, stop))
         finally:
             slots.put(slot)
 
@@ -265,35 +282,51 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
     finished: set[str] = set(outcome.done)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         running = {}
-        while pending or running:
-            ready = [j for j in pending if j.after is None or j.after in finished]
-            blocked = [j for j in pending if j.after is not None and j.after in outcome.failed]
-            for j in blocked:
-                pending.remove(j)
-                outcome.failed.append(j.key)
-                print(f"study: skipped {j.key}: {j.after} failed", flush=True)
-            for j in ready[: max(1, workers) - len(running)]:
-                pending.remove(j)
-                running[j.key] = pool.submit(one, j)
-            if not running:
-                if pending:
-                    time.sleep(0.05)
-                continue
-            time.sleep(0.05)
-            for key, fut in list(running.items()):
-                if fut.done():
-                    job, rc, sa = fut.result()
-                    del running[key]
-                    took = f"{time.monotonic() - started_at.get(key, t_study):.0f} s; study {time.monotonic() - t_study:.0f} s"
-                    if rc == 0:
-                        finished.add(job.key)
-                        outcome.done.append(job.key)
-                        print(f"study: finished {job.key}: final SA {sa} ({took})", flush=True)
-                    else:
-                        outcome.failed.append(job.key)
-                        print(f"study: FAILED {job.key} (exit status {rc}; log: {logs / (job.key + '.log')})", flush=True)
-                    if bar is not None:
-                        bar.update(1)
+        try:
+            while pending or running:
+                ready = [j for j in pending if j.after is None or j.after in finished]
+                blocked = [j for j in pending if j.after is not None and j.after in outcome.failed]
+                for j in blocked:
+                    pending.remove(j)
+                    outcome.failed.append(j.key)
+                    print(f"study: skipped {j.key}: {j.after} failed", flush=True)
+                for j in ready[: max(1, workers) - len(running)]:
+                    pending.remove(j)
+                    running[j.key] = pool.submit(one, j)
+                if not running:
+                    if pending:
+                        time.sleep(0.05)
+                    continue
+                time.sleep(0.05)
+                for key, fut in list(running.items()):
+                    if fut.done():
+                        job, rc, sa = fut.result()
+                        del running[key]
+                        took = f"{time.monotonic() - started_at.get(key, t_study):.0f} s; study {time.monotonic() - t_study:.0f} s"
+                        if rc == 0:
+                            finished.add(job.key)
+                            outcome.done.append(job.key)
+                            print(f"study: finished {job.key}: final SA {sa} ({took})", flush=True)
+                        elif rc in STOPPED:
+                            outcome.failed.append(job.key)
+                            print(f"study: {job.key} was stopped from outside (exit status {rc}); the same `llt study` "
+                                  f"command continues it", flush=True)
+                        else:
+                            outcome.failed.append(job.key)
+                            print(f"study: FAILED {job.key} (exit status {rc}; log: {logs / (job.key + '.log')})", flush=True)
+                        if bar is not None:
+                            bar.update(1)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: stop the running jobs (each keeps its checkpoints), start no new one, and
+            # say how to continue; the CLI then reports the interruption with its usual exit status.
+            stop.set()
+            print(f"study: stopping {len(running)} running job(s); {len(outcome.done)} of {len(jobs)} runs finished; "
+                  f"the same `llt study` command continues", flush=True)
+            if runner is not None:
+                import ray
+
+                ray.shutdown()
+            raise
     if bar is not None:
         bar.close()
     if runner is not None:
