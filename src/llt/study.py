@@ -148,7 +148,8 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
         try:
             sets = _overrides(entry, where)
             for seed in seeds:
-                extra = [*sets, *common, f"run.seed={seed}", f"run.name={entry['name']}-s{seed}", f"run.out_dir={json.dumps(str(out))}"]
+                extra = [*sets, *common, f"run.seed={seed}", f"run.name={entry['name']}-s{seed}",
+                         f"run.out_dir={json.dumps(str(out))}"]
                 cfg = load_config(preset, extra)
                 d = out / run_name(cfg, preset)
                 jobs.append(Job(entry["name"], seed, ["run", "--preset", preset, *sum((["--set", x] for x in extra), []),
@@ -169,8 +170,9 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
             if cfg.run.method not in ("td", "bu"):
                 raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run (td or bu)")
             d = out / (f"{src.name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}"))
-            jobs.append(Job(entry["name"], seed, ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
-                                                  *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"], d, after=f"{entry['from']}-s{seed}",
+            args = ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
+                    *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"]
+            jobs.append(Job(entry["name"], seed, args, d, after=f"{entry['from']}-s{seed}",
                             epochs=(cfg.data.num_tasks or 5) * cfg.train.epochs, key=f"{entry['name']}-s{seed}"))
     # Seed-major order (every run of the first seed, then its derived steps, then the next seed): with one
     # worker, a study stopped part-way leaves whole seeds finished rather than every method half done.
@@ -302,7 +304,8 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
                     if fut.done():
                         job, rc, sa = fut.result()
                         del running[key]
-                        took = f"{time.monotonic() - started_at.get(key, t_study):.0f} s; study {time.monotonic() - t_study:.0f} s"
+                        now = time.monotonic()
+                        took = f"{now - started_at.get(key, t_study):.0f} s; study {now - t_study:.0f} s"
                         if rc == 0:
                             finished.add(job.key)
                             outcome.done.append(job.key)
