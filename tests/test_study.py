@@ -179,3 +179,15 @@ def test_study_wide_overrides_and_data_dir_reach_every_job_in_seed_major_order(t
     err = capsys.readouterr().err
     assert "study-wide --set/--data-dir: unknown config key 'train.epochz'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_jobs_sharing_the_cpu_get_their_share_of_its_threads(monkeypatch):
+    from llt import study
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert study.cpu_threads(1) is None and study.cpu_threads(2) == 4 and study.cpu_threads(16) == 1
+    assert study._env(None, 4)["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in study._env()
+    assert study._env(1)["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert study._env(None, 4)["OMP_NUM_THREADS"] == "3"          # the user's own setting wins

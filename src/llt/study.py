@@ -194,25 +194,40 @@ def _command(job: Job) -> list[str]:
     return [sys.executable, "-m", "llt", *job.args]
 
 
-def _env() -> dict:
+def _env(device: int | None = None, threads: int | None = None) -> dict:
+    """A job's environment: llt importable from this source tree; `device`, the one CUDA device it sees;
+    `threads`, its CPU threads (OMP_NUM_THREADS) unless the user set them."""
     src = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+def cpu_threads(workers: int) -> int | None:
+    """CPU threads per job when several jobs share the CPU (None: torch's default). Two 2-thread torch
+    processes on 2 cores slow each other by about 10x; one thread each does not."""
+    import torch
+
+    if workers <= 1 or torch.cuda.is_available():
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 STOPPED = (130, 143)   # the exit status of an llt run stopped on purpose (Ctrl-C, SIGTERM): not retried
 
 
 def run_job(job: Job, retries: int, log_dir: Path, device: int | None = None,
-            stop: threading.Event | None = None) -> tuple[int, str]:
+            stop: threading.Event | None = None, threads: int | None = None) -> tuple[int, str]:
     """Run one job to the end in its own process, retrying a process that died; (exit status, final SA text).
-    `device`: the CUDA device the process may see (one per local worker). When `stop` is set, the process
-    gets SIGTERM (it keeps its finished stages and last epoch checkpoint) and is not retried."""
+    `device`: the CUDA device the process may see (one per local worker); `threads`: its CPU threads.
+    When `stop` is set, the process gets SIGTERM (it keeps its finished stages and last epoch checkpoint)
+    and is not retried."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = _env()
-    if device is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    env = _env(device, threads)
     for _attempt in range(retries + 1):
         with open(log_dir / f"{job.key}.log", "a") as log:
             proc = subprocess.Popen(_command(job), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -268,6 +283,10 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
     started_at: dict[str, float] = {}
     t_study = time.monotonic()
     stop = threading.Event()
+    threads = cpu_threads(workers) if runner is None else None
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        print(f"study: {workers} workers share {os.cpu_count()} CPU cores: {threads} thread(s) per job "
+              f"(set OMP_NUM_THREADS to choose)", flush=True)
 
     def one(job: Job) -> tuple[Job, int, str]:
         started_at[job.key] = time.monotonic()
@@ -276,7 +295,7 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
             return (job, *runner(job, retries, logs))
         slot = slots.get()
         try:
-            return (job, *run_job(job, retries, logs, slot, stop))
+            return (job, *run_job(job, retries, logs, slot, stop, threads))
         finally:
             slots.put(slot)
 
