@@ -60,6 +60,13 @@ def test_report_writes_tables_and_figures_with_seed_statistics(runs, capsys):
     assert dense[1]["sa_std"] == "0.0" and float(dense[1]["sa_mean"]) == 83.0
     md = (out / "report.md").read_text()
     assert "77.50 +- 3.54" in md and "| T1~2 | 80.00 | 70.00 |" in md
+    # the comparison: one row per group after the last task, each value mean +- std, and the seed count
+    [bu_c] = [r for r in csv.DictReader(open(out / "comparison.csv")) if r["group"].startswith("Bottom-Up")]
+    assert float(bu_c["final_sa_mean"]) == pytest.approx(77.5) and float(bu_c["final_sa_std"]) == pytest.approx(3.5355, abs=1e-4)
+    assert float(bu_c["final_forgetting_mean"]) == 10.0 and float(bu_c["final_forgetting_std"]) == 0.0
+    assert bu_c["n_seeds"] == "2"
+    assert md.index("## Comparison") < md.index("## Bottom-Up")
+    assert f"| 77.50 +- 3.54 | 10.00 +- 0.00 | {100 * m2.density():.2f} +- 0.00 | 2 |" in md
 
 
 def test_mask_overlap_is_intersection_over_union(runs):

@@ -5,8 +5,10 @@ records.jsonl (per-layer densities of tickets) and masks/task{t}.pt (mask overla
 differ only by the seed form one group, shown as mean and standard deviation over seeds.
 
 Outputs in OUT_DIR:
-    report.md                 per group: SA, remaining weights, forgetting per task (mean +- std, seeds)
+    report.md                 a comparison of the groups after the last task, then per group: SA,
+                              remaining weights, forgetting per task (mean +- std, seeds)
     summary.csv               the same numbers, one row per (group, task)
+    comparison.csv            one row per group: final SA, forgetting, remaining weights (mean, std), seeds
     sa.png                    SA against the number of learned tasks, one line per group (Figure 4, top)
     remaining_weights.png     remaining weights per task as grouped bars (Figure 4, bottom)
     accuracy_matrix-<run>.png the accuracy matrix of each run as a heatmap
@@ -159,11 +161,34 @@ def write_tables(groups: list[Group], out: Path) -> None:
                 md.append(f"| T1~{t + 1} | " + " | ".join(f"{v:.2f}" for v in row) + " |" * (len(R) - t - 1) + " |")
         md.append("")
     md += controls_table(groups)
-    (out / "report.md").write_text("\n".join(md))
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    head, compare = comparison(groups)
+    (out / "report.md").write_text("\n".join(md[:2] + head + md[2:]))
+    for name, table in (("summary.csv", rows), ("comparison.csv", compare)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
+
+
+def comparison(groups: list[Group]) -> tuple[list[str], list[dict]]:
+    """One line per group after its last task: final SA, final forgetting and remaining weights, each
+    mean +- std over its seeds, and the number of seeds (Markdown lines, CSV rows)."""
+    md = ["## Comparison", "", "After the last task; mean +- std over seeds (std 0 for one seed).", "",
+          "| group | final SA (%) | final forgetting (points) | remaining weights (%) | seeds |",
+          "| --- | --- | --- | --- | --- |"]
+    rows = []
+    for g in groups:
+        row = {"group": g.label}
+        cells = []
+        for key, col in (("sa", "final_sa"), ("forgetting", "final_forgetting"), ("remaining_weights", "remaining")):
+            m, sd = g.per_task(key)[-1]
+            row[f"{col}_mean"] = "" if math.isnan(m) else round(m, 4)
+            row[f"{col}_std"] = "" if math.isnan(sd) else round(sd, 4)
+            cells.append("" if math.isnan(m) else f"{m:.2f} +- {sd:.2f}")
+        row["n_seeds"] = len(g.runs)
+        rows.append(row)
+        md.append(f"| {g.label} | " + " | ".join(cells) + f" | {len(g.runs)} |")
+    return md + [""], rows
 
 
 def controls_table(groups: list[Group]) -> list[str]:
