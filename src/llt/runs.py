@@ -44,8 +44,9 @@ SUMMARY_KEYS = ("method", "dataset", "num_tasks", "seed", "accuracy_matrix", "sa
 
 
 # Config fields that say how a run is carried out, not what it computes: left out of the run's identity.
-# The data's location is one of them (a run keeps its name when the data move; the stream's fingerprint,
-# checked on resume, guards what the data are).
+# The data's location is one of them: a run keeps its name when the data move. On resume the stream check
+# (class order, split and exemplar index hashes) still refuses a different stream; the pixels themselves
+# are not hashed there.
 OPERATIONAL_FIELDS = ("out_dir", "checkpoint_every")
 DATA_LOCATION_FIELDS = ("data_dir", "cache_dir", "download")
 
