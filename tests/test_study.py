@@ -185,7 +185,8 @@ def test_jobs_sharing_the_cpu_get_their_share_of_its_threads(monkeypatch):
     from llt import study
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)                     # the machine's count is not what counts:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # the CPUs we may use
     assert study.cpu_threads(1) is None and study.cpu_threads(2) == 4 and study.cpu_threads(16) == 1
     assert study._env(None, 4)["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in study._env()
     assert study._env(1)["CUDA_VISIBLE_DEVICES"] == "1"

@@ -23,6 +23,7 @@ from llt.errors import LLTError
 from llt.evaluation import accuracy
 from llt.export import load_ticket as _load_ticket
 from llt.pruning.mask import Mask
+from llt.runtime import resolve_numerics
 
 
 def load_ticket(path, stem_stride: int = 1) -> tuple[torch.nn.Module, Mask | None]:
@@ -63,15 +64,21 @@ def open_stream(preset: str | None = None, overrides: tuple[str, ...] | list[str
     return stream_data(load_config(preset, list(overrides)))
 
 
-def evaluate(model: torch.nn.Module, data: StreamData, task: int, batch_size: int = 512) -> list[float]:
+def evaluate(model: torch.nn.Module, data: StreamData, task: int, batch_size: int = 256,
+             precision: str = "fp32") -> list[float]:
     """Test accuracy (percent) on each of tasks 1..task, predicting over the classes of those tasks
-    (the balanced branch, task-agnostic), as llt reports it."""
+    (the balanced branch, task-agnostic), as llt reports it. `precision` as train.precision: "fp32" (the
+    default: float32, what bit-exact comparisons use), "auto" or "bf16" (llt.runtime.resolve_numerics)."""
     n = data.stream.num_tasks
     if not 1 <= task <= n:
         raise LLTError(f"task must be in 1..{n}, got {task}")
     if model.num_tasks < task or model.classes_per_task != data.stream.classes_per_task:
         raise LLTError(f"the model has {model.num_tasks} heads of {model.classes_per_task} classes; the stream has "
                        f"{n} tasks of {data.stream.classes_per_task}")
-    norm = Normalizer(data.mean, data.std, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    numerics = resolve_numerics(precision, device)
+    if numerics.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    norm = Normalizer(data.mean, data.std, device, channels_last=numerics.channels_last)
     return accuracy(model, data.test_images, data.stream.test_labels, [t.test_idx for t in data.stream.tasks[:task]],
-                    norm, batch_size)["row"]
+                    norm, batch_size, numerics.autocast_dtype)["row"]

@@ -13,6 +13,7 @@ import time
 from llt import __version__
 from llt.config import describe_fields, dump_yaml, load_config
 from llt.errors import LLTError
+from llt.runtime import tune_allocator
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = None
+    if args.command in ("run", "resume", "retrain", "eval"):
+        tune_allocator()      # reuse freed activation memory instead of page-faulting it in per batch
     if args.command in ("run", "resume", "retrain", "study") and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:

@@ -68,6 +68,8 @@ class DataSection:
     val_fraction: float = _f(0.1, "fraction of each class's training images held out for validation (9:1 split)")
     train_per_class: int = _f(0, "train on a seeded subset of this many images per class (the rest of the split's "
                               "training part is left out; validation is unchanged); 0: all. For small studies")
+    val_per_class: int = _f(0, "validate on at most this many of each class's validation images (a seeded subset "
+                            "of the 9:1 split; the training images are unchanged); 0: all, as the original")
     exemplars_per_class: int = _f(100, "exemplar memory per old class")
     exemplar_selection: str = _f("random", "how exemplars are chosen: random (run seed) or herding (teacher features)",
                                  ("random", "herding"))
@@ -90,13 +92,16 @@ class ModelSection:
 class TrainSection:
     epochs: int = _f(100, "epochs per task (dense and ticket training)")
     batch_size: int = _f(256, "task-1 batch; later tasks use four sub-batches of batch_size // 4")
-    eval_batch_size: int = _f(1024, "batch size for evaluation and feature extraction")
+    eval_batch_size: int = _f(0, "batch size for evaluation and feature extraction; 0: 256 on the CPU, 1024 on CUDA "
+                              "(measured, docs/benchmarks.md)")
     lr: float = _f(0.01, "SGD learning rate")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay (all parameters)")
     milestones: tuple[int, ...] = _f((60, 80), "epochs at which the learning rate is multiplied by gamma")
     gamma: float = _f(0.1, "learning-rate decay factor at each milestone")
-    precision: str = _f("auto", "auto: bf16 autocast on CUDA, float32 on CPU", ("auto", "bf16", "fp32"))
+    precision: str = _f("auto", "auto: bf16 autocast + channels-last on CUDA and on CPUs with native bf16 (AMX-BF16, "
+                        "AVX512-BF16), float32 elsewhere; fp32: float32 (NCHW on the CPU), for bit-exact comparisons",
+                        ("auto", "bf16", "fp32"))
     compile: bool = _f(True, "torch.compile forward, loss and backward on CUDA (ignored on CPU, where compiling costs more than it saves)")
 
 
@@ -382,6 +387,7 @@ def validate(cfg: RunConfig) -> None:
     _need(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _need(d.exemplars_per_class >= 0, "data.exemplars_per_class", "must be non-negative")
     _need(d.train_per_class >= 0, "data.train_per_class", "must be 0 (all) or positive")
+    _need(d.val_per_class >= 0, "data.val_per_class", "must be 0 (all) or positive")
     _need(d.pool_size >= 0, "data.pool_size", "must be non-negative")
     _need(d.dataset != "array" or bool(d.array_path), "data.array_path", "is required when data.dataset=array")
     n_cls = KNOWN_NUM_CLASSES.get(d.dataset)
@@ -398,7 +404,7 @@ def validate(cfg: RunConfig) -> None:
     _need(m.stem_stride in (0, 1, 2), "model.stem_stride", "must be 0 (auto), 1 or 2")
     _need(t.epochs >= 1, "train.epochs", "must be at least 1")
     _need(t.batch_size >= 4, "train.batch_size", "must be at least 4 (later tasks use batch_size // 4)")
-    _need(t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1")
+    _need(t.eval_batch_size >= 0, "train.eval_batch_size", "must be 0 (automatic) or a positive batch size")
     _need(t.lr > 0, "train.lr", "must be positive")
     _need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
     _need(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")

@@ -20,6 +20,7 @@ from llt.data.stream import Stream, build_stream, derive_seed
 from llt.errors import LLTError
 from llt.models import build_model
 from llt.runs import FORMAT_VERSION, RunDir, run_name
+from llt.runtime import Numerics, default_eval_batch, resolve_numerics, runtime_changes, runtime_facts
 from llt.storage import save_checkpoint
 
 
@@ -34,16 +35,25 @@ class Context:
     pool: torch.Tensor | None
     device: torch.device
     normalizer: Normalizer
-    autocast_dtype: torch.dtype | None
+    numerics: Numerics           # precision and memory format (llt.runtime)
     train_images: torch.Tensor   # uint8, on the device
     train_labels: torch.Tensor   # remapped, on the device
     test_images: torch.Tensor    # uint8, on the device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.numerics.autocast_dtype
+
+    @property
+    def eval_batch(self) -> int:
+        """train.eval_batch_size, or the measured default for the device when it is 0."""
+        return self.cfg.train.eval_batch_size or default_eval_batch(self.device)
 
     def new_model(self, seed_tag: str = "init"):
         c = self.cfg
         model = build_model(self.stream.num_tasks, self.stream.classes_per_task, c.model.width, c.model.stem_stride,
                             self.ds.image_shape[1], seed=derive_seed(c.run.seed, seed_tag)).to(self.device)
-        if self.device.type == "cuda":
+        if self.numerics.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -99,10 +109,17 @@ def check_same_stream(rd: RunDir, got: dict) -> None:
                        f"point --data-dir at the data the run was made with, or start a new run")
 
 
-def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def warn_runtime_change(rd: RunDir, facts: dict) -> None:
+    """One line when a run continues under another precision, memory format, torch, CPU capability or thread
+    count than it started with: it still finishes, but is no longer bit-equal to an uninterrupted run."""
+    try:
+        recorded = json.loads(rd.file("manifest.json").read_text()).get("runtime")
+    except (OSError, json.JSONDecodeError):
+        return
+    changes = runtime_changes(recorded, facts)
+    if changes:
+        print(f"WARNING: {rd.path} continues under another set-up than it started with ({'; '.join(changes)}): "
+              f"its results will not be bit-equal to an uninterrupted run")
 
 
 def stream_for(cfg: RunConfig, ds: ImageDataset) -> Stream:
@@ -111,7 +128,8 @@ def stream_for(cfg: RunConfig, ds: ImageDataset) -> Stream:
     return build_stream(ds.name, ds.train_labels, ds.test_labels, ds.num_classes,
                         classes_per_task=d.classes_per_task, num_tasks=d.num_tasks, class_order=d.class_order,
                         val_fraction=d.val_fraction, exemplars_per_class=d.exemplars_per_class,
-                        exemplar_selection=d.exemplar_selection, seed=cfg.run.seed, train_per_class=d.train_per_class)
+                        exemplar_selection=d.exemplar_selection, seed=cfg.run.seed, train_per_class=d.train_per_class,
+                        val_per_class=d.val_per_class)
 
 
 def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_pool: bool = True) -> Context:
@@ -127,24 +145,28 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
         if pool is None and cfg.run.method != "stream":
             raise LLTError("data.pool=none but lottery teaching is on: choose a pool or set teaching.enabled=false")
     stream = stream_for(cfg, ds)
+    numerics = resolve_numerics(cfg.train.precision, device)
+    if numerics.warning:
+        print(f"WARNING: {numerics.warning}")
+    facts = runtime_facts(numerics, device)
     if rd is None:
         rd = RunDir.create(cfg.run.out_dir, run_name(cfg, preset))
     if rd.file("manifest.json").is_file():
         check_format(rd)
         check_same_stream(rd, stream.manifest())
+        warn_runtime_change(rd, facts)
     else:
         rd.write_manifest(cfg, preset, device=str(device),
                           seeds={"run": cfg.run.seed, "split": derive_seed(cfg.run.seed, "split"),
                                  "init": derive_seed(cfg.run.seed, "init"),
                                  "rule": "every random choice draws from derive_seed(run seed, purpose), purposes: "
                                          "split, exemplars/<label>, init, augment/<stage>, teaching/<task>"},
-                          dataset={"name": ds.name, **ds.info()}, pool=pool_info, stream=stream.manifest())
+                          dataset={"name": ds.name, **ds.info()}, pool=pool_info, stream=stream.manifest(),
+                          runtime=facts)
         save_checkpoint(rd.file("stream.pt"), stream.state_dict(), stream.manifest())
-    channels_last = device.type == "cuda"
-    autocast = _precision(cfg, device)
     return Context(cfg=cfg, rd=rd, ds=ds, stream=stream, pool=pool, device=device,
-                   normalizer=Normalizer(ds.mean, ds.std, device, channels_last=channels_last),
-                   autocast_dtype=autocast, train_images=ds.train_images.to(device),
+                   normalizer=Normalizer(ds.mean, ds.std, device, channels_last=numerics.channels_last),
+                   numerics=numerics, train_images=ds.train_images.to(device),
                    train_labels=stream.train_labels.to(device), test_images=ds.test_images.to(device))
 
 

@@ -46,6 +46,7 @@ import yaml
 from llt.config import available_presets, load_config, parse_override
 from llt.errors import LLTError
 from llt.runs import run_name
+from llt.runtime import available_cpus
 
 SPEC_KEYS = {"name", "seeds", "runs", "derived"}
 RUN_KEYS = {"name", "preset", "set"}
@@ -214,7 +215,7 @@ def cpu_threads(workers: int) -> int | None:
 
     if workers <= 1 or torch.cuda.is_available():
         return None
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, available_cpus() // workers)
 
 
 STOPPED = (130, 143)   # the exit status of an llt run stopped on purpose (Ctrl-C, SIGTERM): not retried
@@ -285,7 +286,7 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
     stop = threading.Event()
     threads = cpu_threads(workers) if runner is None else None
     if threads is not None and "OMP_NUM_THREADS" not in os.environ:
-        print(f"study: {workers} workers share {os.cpu_count()} CPU cores: {threads} thread(s) per job "
+        print(f"study: {workers} workers share the {available_cpus()} CPUs this process may use: {threads} thread(s) per job "
               f"(set OMP_NUM_THREADS to choose)", flush=True)
 
     def one(job: Job) -> tuple[Job, int, str]:

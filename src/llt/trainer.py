@@ -63,6 +63,7 @@ class TaskData:
     teacher: torch.nn.Module | None = None  # baselines: the frozen previous model (LwF, iCaRL)
     val_images: torch.Tensor | None = None  # images/labels val_idx refers to, when not the training images
     val_labels: torch.Tensor | None = None  # (the original's test-set decisions: prune.decision_split=test-compat)
+    val_sizes: tuple[int, ...] = ()         # val_idx as consecutive per-task sets (for the per-task row); () one set
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class TaskResult:
     best_epoch: int                 # 1-based
     best_val: float                 # percent
     last_state: dict
+    best_row: list = field(default_factory=list)  # validation accuracy per set of data.val_sizes at the best epoch
     history: list = field(default_factory=list)  # per epoch: loss, val, lr, seconds
 
 
@@ -136,7 +138,7 @@ def clone_state(model: torch.nn.Module) -> dict:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, normalizer: Normalizer, autocast_dtype: torch.dtype | None = None,
-                 eval_batch_size: int = 1024, compile: bool = False):
+                 eval_batch_size: int = 256, compile: bool = False):
         self.model, self.norm, self.gen = model, normalizer, None
         self.autocast_dtype, self.eval_batch_size = autocast_dtype, eval_batch_size
         self.device = next(model.parameters()).device
@@ -283,12 +285,14 @@ class Trainer:
             steps += 1
         return total, steps
 
-    def validate(self, data: TaskData, num_heads: int) -> float:
-        """Accuracy (percent) on data.val_idx over heads 1..num_heads: what selects the best epoch."""
+    def validate(self, data: TaskData, num_heads: int) -> dict:
+        """Accuracy on data.val_idx over heads 1..num_heads, what selects the best epoch: {"overall": percent,
+        "row": percent per set of data.val_sizes}. One evaluation per epoch serves every consumer."""
         images = data.images if data.val_images is None else data.val_images
         labels = data.labels if data.val_labels is None else data.val_labels
-        return accuracy(self.model, images, labels, [data.val_idx], self.norm, self.eval_batch_size,
-                        self.autocast_dtype, num_heads=num_heads)["overall"]
+        sets = list(data.val_idx.split(list(data.val_sizes))) if data.val_sizes else [data.val_idx]
+        return accuracy(self.model, images, labels, sets, self.norm, self.eval_batch_size,
+                        self.autocast_dtype, num_heads=num_heads)
 
     # ------------------------------------------------------------------------------------------- fit
     def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator, mask: Mask | None = None,
@@ -323,10 +327,11 @@ class Trainer:
                                         s.batch_size // 4, self.gen)
             else:
                 data = dataclasses.replace(data, teaching=None)
-        best_val, best_epoch, best_state, history = -1.0, 0, None, []
+        best_val, best_epoch, best_state, best_row, history = -1.0, 0, None, [], []
         first = 1
         if resume is not None:
             first, best_val, best_epoch, best_state, history = self._restore(resume, opt, cyclers)
+            best_row = list(history[best_epoch - 1].get("val_row", [])) if best_epoch else []
         for epoch in range(first, s.epochs + 1):
             t0 = time.perf_counter()
             lr = learning_rate(s, epoch)
@@ -339,14 +344,18 @@ class Trainer:
             else:
                 total, steps = self._epoch_distill(k, opt, data, s, cyclers)
             loss = float(total) / max(steps, 1)      # one host sync per epoch
+            t_train = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {loss} in task {k + 1}, epoch {epoch}; stopping "
                                     f"(the checkpoints of finished tasks are kept)")
-            val = self.validate(data, k + 1)
+            ev = self.validate(data, k + 1)
+            val = ev["overall"]
             if val > best_val:
-                best_val, best_epoch, best_state = val, epoch, clone_state(model)
-            stats = {"epoch": epoch, "loss": loss, "val": val, "lr": lr, "seconds": time.perf_counter() - t0,
-                     "best_val": best_val, "best_epoch": best_epoch}
+                best_val, best_epoch, best_state, best_row = val, epoch, clone_state(model), ev["row"]
+            seconds = time.perf_counter() - t0
+            stats = {"epoch": epoch, "loss": loss, "val": val, "lr": lr, "seconds": seconds, "steps": steps,
+                     "train_seconds": t_train, "val_seconds": seconds - t_train,
+                     "best_val": best_val, "best_epoch": best_epoch, "val_row": ev["row"]}
             history.append(stats)
             if checkpoint is not None and checkpoint.due(epoch, s.epochs):
                 t1 = time.perf_counter()
@@ -362,7 +371,7 @@ class Trainer:
             if on_epoch:
                 on_epoch(epoch, stats)
         return TaskResult(best_state=best_state, best_epoch=best_epoch, best_val=best_val,
-                          last_state=clone_state(model), history=history)
+                          last_state=clone_state(model), history=history, best_row=best_row)
 
     def _restore(self, st: dict, opt, cyclers: dict) -> tuple:
         """Load a training state written by fit_task; returns (first epoch to run, best_val, best_epoch,

@@ -43,9 +43,10 @@ def remap_labels(labels: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
 
 
 def split_train_val(labels: torch.Tensor, val_fraction: float, seed: int,
-                    train_per_class: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    train_per_class: int = 0, val_per_class: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded per-class split of training indices: round(n_c * val_fraction) of each class go to validation;
-    with `train_per_class` > 0 only that many of the rest (a seeded subset) are kept for training.
+    with `train_per_class` > 0 only that many of the rest (a seeded subset) are kept for training, with
+    `val_per_class` > 0 only that many of the validation part. Capping either leaves the other unchanged.
 
     Returns sorted index tensors (train, val) into `labels`.
     """
@@ -56,7 +57,7 @@ def split_train_val(labels: torch.Tensor, val_fraction: float, seed: int,
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
         n_val = int(round(len(idx) * val_fraction))
-        val.append(idx[:n_val])
+        val.append(idx[:min(n_val, val_per_class)] if val_per_class > 0 else idx[:n_val])
         train.append(idx[n_val:n_val + train_per_class] if train_per_class > 0 else idx[n_val:])
     return torch.from_numpy(np.sort(np.concatenate(train))), torch.from_numpy(np.sort(np.concatenate(val)))
 
@@ -174,7 +175,7 @@ class Stream:
 def build_stream(dataset: str, train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *,
                  classes_per_task: int, num_tasks: int = 0, class_order: tuple[int, ...] | None = None,
                  val_fraction: float = 0.1, exemplars_per_class: int = 100, exemplar_selection: str = "random",
-                 seed: int = 0, train_per_class: int = 0) -> Stream:
+                 seed: int = 0, train_per_class: int = 0, val_per_class: int = 0) -> Stream:
     """Cut a labelled dataset into a seeded class-incremental stream.
 
     `train_labels`/`test_labels` are original class ids. With `exemplar_selection="random"` the memory of
@@ -185,7 +186,7 @@ def build_stream(dataset: str, train_labels: torch.Tensor, test_labels: torch.Te
     order = tuple(int(c) for c in (class_order if class_order is not None else default_class_order(dataset, num_classes)))
     check_class_order(order, num_classes)
     ytr, yte = remap_labels(train_labels, order), remap_labels(test_labels, order)
-    train_all, val_all = split_train_val(ytr, val_fraction, seed, train_per_class)
+    train_all, val_all = split_train_val(ytr, val_fraction, seed, train_per_class, val_per_class)
     tasks, exemplars = [], {}
     for t in range(n_tasks):
         labels = tuple(range(t * classes_per_task, (t + 1) * classes_per_task))

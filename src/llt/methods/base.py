@@ -70,7 +70,7 @@ class Engine:
         self.ctx, self.cfg, self.rd = ctx, ctx.cfg, ctx.rd
         self.model = ctx.new_model()
         self.trainer = Trainer(self.model, ctx.normalizer, ctx.autocast_dtype,
-                               eval_batch_size=ctx.cfg.train.eval_batch_size,
+                               eval_batch_size=ctx.eval_batch,
                                compile=ctx.cfg.train.compile and ctx.device.type == "cuda")
         self.progress = Progress(total_epochs, progress)
         self.herded: dict[int, torch.Tensor] = {}
@@ -151,7 +151,7 @@ class Engine:
         for lab in task.labels:
             idx = task.train_idx[ctx.stream.train_labels[task.train_idx] == lab]
             feats = extract_features(self.model, ctx.train_images[idx.to(ctx.device)], ctx.normalizer,
-                                     self.cfg.train.eval_batch_size, ctx.autocast_dtype).cpu()
+                                     ctx.eval_batch, ctx.autocast_dtype).cpu()
             self.herded[lab] = idx[herding_exemplars(feats, ctx.stream.exemplars_per_class)]
 
     def herded_meta(self) -> dict:
@@ -174,7 +174,7 @@ class Engine:
             t0 = time.perf_counter()
             ts = build_teaching_set(self.model, ctx.pool, ctx.train_images[memory.to(ctx.device)], t,
                                     self.cfg.teaching.neighbours, ctx.normalizer, gen,
-                                    self.cfg.train.eval_batch_size, ctx.autocast_dtype)
+                                    ctx.eval_batch, ctx.autocast_dtype)
             facts = {"task": t, "num_exemplars": int(memory.numel()), "num_selected": int(ts.pool_idx.numel()),
                      "pool_size": int(ctx.pool.shape[0])}
             print(f"lottery teaching after task {t}: {facts['num_selected']} unlabeled images queried for "
@@ -202,10 +202,12 @@ class Engine:
         data = TaskData(images=ctx.train_images, labels=ctx.train_labels,
                         new_idx=(task.train_idx if new_idx is None else new_idx).to(ctx.device),
                         memory_idx=mem.to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
-                        teaching=teaching, teacher=teacher)
+                        teaching=teaching, teacher=teacher,
+                        val_sizes=tuple(x.val_idx.numel() for x in ctx.stream.tasks[: t + 1]))
         if select_on == "test":
             data.val_images, data.val_labels = ctx.test_images, ctx.stream.test_labels.to(ctx.device)
             data.val_idx = torch.cat([x.test_idx for x in ctx.stream.tasks[: t + 1]]).to(ctx.device)
+            data.val_sizes = tuple(x.test_idx.numel() for x in ctx.stream.tasks[: t + 1])
         gen = make_generator(derive_seed(self.cfg.run.seed, seed_tag), ctx.device)
         ckpt = self.epoch_checkpoint(t, schedule, seed_tag, mask, teaching, data, select_on, recipe)
         resume = self._resume(ckpt, desc, schedule)
@@ -259,7 +261,7 @@ class Engine:
             images, labels, sets = ctx.train_images, ctx.train_labels, [x.val_idx for x in ctx.stream.tasks[: t + 1]]
         else:
             raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-        return accuracy(self.model, images, labels, sets, ctx.normalizer, self.cfg.train.eval_batch_size,
+        return accuracy(self.model, images, labels, sets, ctx.normalizer, ctx.eval_batch,
                         ctx.autocast_dtype)
 
 

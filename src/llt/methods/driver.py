@@ -147,7 +147,7 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
     state, meta = load_checkpoint(ckpt)
     load_model_state(model, state, str(ckpt))
     ev = accuracy(model, ctx.test_images, ctx.stream.test_labels, [x.test_idx for x in ctx.stream.tasks[:task]],
-                  ctx.normalizer, cfg.train.eval_batch_size, ctx.autocast_dtype)
+                  ctx.normalizer, ctx.eval_batch, ctx.autocast_dtype)
     sa = sum(ev["row"]) / len(ev["row"])
     label = "dense reference" if which == "dense" else ("ticket" if cfg.run.method in ("td", "bu") else "model")
     if cfg.run.method == "icarl":

@@ -25,6 +25,7 @@ from llt.interop import load_external
 from llt.methods.base import Done, Engine, history_record, load_teaching
 from llt.pruning.mask import Mask
 from llt.runs import RunDir, config_hash, ensure_writable
+from llt.runtime import default_eval_batch
 from llt.storage import atomic_torch_save, load_checkpoint
 
 
@@ -39,8 +40,9 @@ def evaluate_checkpoint(path: str, task: int, cfg: RunConfig, pruned: bool = Fal
     data = stream_data(cfg)
     if task < 1 or task > data.stream.num_tasks:
         raise LLTError(f"--task must be in 1..{data.stream.num_tasks} for this stream, got {task}")
-    model = model.to(resolve_device(cfg.run.device)).eval()
-    row = evaluate(model, data, task, cfg.train.eval_batch_size)
+    device = resolve_device(cfg.run.device)
+    model = model.to(device).eval()
+    row = evaluate(model, data, task, cfg.train.eval_batch_size or default_eval_batch(device), cfg.train.precision)
     sa = sum(row) / len(row)
     density = mask.density() if mask is not None else Mask.from_nonzero(model).density()
     note = f" (skipped: {', '.join(info['skipped'])})" if info["skipped"] else ""

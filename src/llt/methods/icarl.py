@@ -57,7 +57,7 @@ class ICaRL(Baseline):
 
     def evaluate(self, t: int) -> tuple[list[float], dict]:
         ctx, eng = self.eng.ctx, self.eng
-        bs = self.cfg.train.eval_batch_size
+        bs = ctx.eval_batch
         idx, labels = self.exemplars(t)
         feats = extract_features(eng.model, ctx.train_images[idx.to(ctx.device)], ctx.normalizer, bs,
                                  ctx.autocast_dtype).cpu()

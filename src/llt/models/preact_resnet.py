@@ -32,18 +32,24 @@ class SegmentBatchNorm2d(nn.BatchNorm2d):
         if segments is None or not self.training:
             return super().forward(x)
         outs = []
-        for part, (_, updates) in zip(x.split([n for n, _ in segments]), segments):
+        parts = x.split([n for n, _ in segments]) if len(segments) > 1 else (x,)
+        for part, (_, updates) in zip(parts, segments):
             # Normalise with this segment's batch statistics; the running statistics are updated below,
-            # explicitly, so that autograd never sees them change.
-            outs.append(F.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps))
+            # explicitly, so that autograd never sees them change. They come from the kernel's own
+            # statistics (mean and 1/sqrt(biased var + eps), float32 also for bf16 input), as a train-mode
+            # BatchNorm with running statistics would use them: no second pass over the activations.
+            out, mean, invstd = torch.native_batch_norm(part, self.weight, self.bias, None, None, True, 0.0, self.eps)
+            outs.append(out)
             if updates:
                 with torch.no_grad():
-                    var, mean = torch.var_mean(part.detach().float(), dim=(0, 2, 3), correction=1)
+                    n = part.numel() // part.shape[1]
+                    var = (invstd.detach().float().pow(-2) - self.eps).clamp_min_(0) * (n / max(n - 1, 1))
+                    mean = mean.detach().float()
                     for _ in range(updates):  # what `updates` separate train-mode passes would do
                         self.running_mean.lerp_(mean, self.momentum)
                         self.running_var.lerp_(var, self.momentum)
         self.num_batches_tracked.add_(sum(u for _, u in segments))
-        return torch.cat(outs)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class PreActBlock(nn.Module):
@@ -53,13 +59,18 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = SegmentBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.stride = stride
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+            # The original's 1x1 conv with stride s, computed as a 1x1 conv of every s-th pixel (the same
+            # products and sums): oneDNN's channels-last backward of the strided 1x1 conv corrupts the heap
+            # for 8 or 12 input channels (torch 2.13 CPU; docs/training.md). Parameter names are unchanged.
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, 1, bias=False))
 
     def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
         out = F.relu(self.bn1(x, segments))
         # The projection shortcut sees the pre-activated input; the identity shortcut the raw input.
-        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        s = self.stride
+        shortcut = self.shortcut(out[:, :, ::s, ::s] if s > 1 else out) if hasattr(self, "shortcut") else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out, segments)))
         return out + shortcut
