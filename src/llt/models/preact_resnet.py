@@ -59,18 +59,24 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = SegmentBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.stride = stride
         if stride != 1 or in_planes != planes:
-            # The original's 1x1 conv with stride s, computed as a 1x1 conv of every s-th pixel (the same
-            # products and sums): oneDNN's channels-last backward of the strided 1x1 conv corrupts the heap
-            # for 8 or 12 input channels (torch 2.13 CPU; docs/training.md). Parameter names are unchanged.
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, 1, bias=False))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def projection(self, out: torch.Tensor) -> torch.Tensor:
+        """The 1x1 shortcut conv. On a channels-last CPU tensor with stride s > 1 it is computed as a stride-1
+        conv of every s-th pixel (the same products and sums): oneDNN's channels-last backward of the strided
+        1x1 conv corrupts the heap for 8 or 12 input channels (torch 2.13 CPU; docs/training.md)."""
+        conv = self.shortcut[0]
+        s = conv.stride[0]
+        if s > 1 and out.device.type == "cpu" and not out.is_contiguous() \
+                and out.is_contiguous(memory_format=torch.channels_last):
+            return F.conv2d(out[:, :, ::s, ::s], conv.weight)
+        return self.shortcut(out)
 
     def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
         out = F.relu(self.bn1(x, segments))
         # The projection shortcut sees the pre-activated input; the identity shortcut the raw input.
-        s = self.stride
-        shortcut = self.shortcut(out[:, :, ::s, ::s] if s > 1 else out) if hasattr(self, "shortcut") else x
+        shortcut = self.projection(out) if hasattr(self, "shortcut") else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out, segments)))
         return out + shortcut
