@@ -228,6 +228,101 @@ def test_retrain_any_subnetwork_from_files_and_from_a_top_down_run(td_run, tmp_p
     args[args.index(str(td_run))] = str(tmp_path / "mask-2.pt")
     assert main(args[:-3] + ["--out", str(tmp_path / "r4"), "--quiet"]) == 2
     assert "needs a teacher" in capsys.readouterr().err
+    assert not list((tmp_path / "r4").iterdir())             # a re-training that could not start leaves nothing
+
+
+def original_model_keys(width: int = 64, heads: int = 5, classes: int = 2) -> dict[str, tuple]:
+    """The state_dict names and shapes of the original's PreActResNet18 (VITA-Group/Lifelong-Learning-LTH
+    model.py: conv1, layer1-4 of two PreActBlocks with bn1/conv1/bn2/conv2 and a 1x1 `shortcut.0` where the
+    shape changes, `linear_main` and `linear` ModuleLists of per-task heads), written out as a fact of that
+    model at any width (the original fixes 64)."""
+    keys = {"conv1.weight": (width, 3, 3, 3)}
+
+    def bn(prefix, c):
+        keys.update({f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
+                     f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()})
+
+    in_planes = width
+    for stage, (planes, stride) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), (1, 2, 2, 2)), start=1):
+        for block, s in enumerate((stride, 1)):
+            p = f"layer{stage}.{block}"
+            bn(f"{p}.bn1", in_planes)
+            keys[f"{p}.conv1.weight"] = (planes, in_planes, 3, 3)
+            bn(f"{p}.bn2", planes)
+            keys[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            if s != 1 or in_planes != planes:
+                keys[f"{p}.shortcut.0.weight"] = (planes, in_planes, 1, 1)
+            in_planes = planes
+    for branch in ("linear_main", "linear"):
+        for t in range(heads):
+            keys[f"{branch}.{t}.weight"] = (classes, 8 * width)
+            keys[f"{branch}.{t}.bias"] = (classes,)
+    return keys
+
+
+def test_prune_export_loads_strictly_into_a_model_with_the_originals_names(td_run, tmp_path):
+    """`llt export --format prune` writes the original's names; a model with exactly those parameters, its convs
+    prepared with torch.nn.utils.prune (weight_orig + weight_mask), loads it with strict=True."""
+    import torch.nn.utils.prune as prune
+
+    assert len(original_model_keys()) == 120          # the original's full model: 72 parameters, 48 BN buffers
+    out = tmp_path / "ticket.prune"
+    assert main(["export", str(td_run), "--task", "3", "--format", "prune", "--out", str(out)]) == 0
+    sd = torch.load(out, weights_only=True)["state_dict"]
+
+    class Original(torch.nn.Module):
+        """Parameters and buffers under the original's names (the names and shapes are the fixture)."""
+
+        def __init__(self, keys):
+            super().__init__()
+            for name, shape in keys.items():
+                *path, leaf = name.split(".")
+                mod = self
+                for part in path:
+                    if not hasattr(mod, part):
+                        mod.add_module(part, torch.nn.Module())
+                    mod = getattr(mod, part)
+                if leaf.startswith(("running_", "num_batches")):
+                    mod.register_buffer(leaf, torch.zeros(shape, dtype=torch.long if not shape else torch.float))
+                else:
+                    mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape)))
+
+    net = Original(original_model_keys(width=4, heads=3))
+    for name, mod in net.named_modules():
+        if f"{name}.weight_mask" in sd:
+            prune.identity(mod, "weight")
+    net.load_state_dict(sd, strict=True)
+    mask = Mask.load(td_run / "masks/task3.pt", build_model(3, 2, width=4))
+    assert sum(k.endswith("weight_mask") for k in sd) == len(mask.masks)
+    assert torch.equal(dict(net.named_buffers())["layer2.0.shortcut.0.weight_mask"].bool(), mask["layer2.0.shortcut.0.weight"])
+
+
+def test_retrain_from_a_pruned_file_starts_kept_weights_at_weight_orig(tmp_path, capsys):
+    """As the original's main_train.py: a weight the file had pruned but the new mask keeps starts at the
+    file's weight_orig (here non-zero at every pruned position), not at zero; the file's other objects are named."""
+    from llt.methods.external import _weights_of
+
+    model, mask = tiny_ticket()
+    path = original_checkpoint(model, mask, tmp_path / "BU_ticket.pt")
+    orig = torch.load(path, weights_only=False)["state_dict"]
+    state = _weights_of(str(path), build_model(5, 2, width=4))
+    assert "skipped pickled objects: torch.optim.sgd.SGD" in capsys.readouterr().out
+    name = "layer2.0.conv1.weight"
+    pruned = ~mask[name]
+    assert pruned.any() and torch.equal(state[name], orig[f"module.{name}_orig"])
+    assert (state[name][pruned] != 0).all()
+
+
+def test_retrain_with_weights_of_another_width_fails_cleanly_and_leaves_no_directory(tmp_path, capsys):
+    model, mask = tiny_ticket()
+    path = original_checkpoint(model, mask, tmp_path / "w4.pt")
+    out = tmp_path / "runs"
+    args = ["retrain", "--weights", str(path), "--mask", str(path), "--task", "1", "--preset", "demo",
+            "--set", "model.width=8", "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has shape" in err and str(path) in err
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_the_api_example_in_the_docs_runs(td_run, tmp_path, monkeypatch):

@@ -27,6 +27,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="shortcut for --set run.out_dir=DIR")
 
 
+def _add_max_bytes(p: argparse.ArgumentParser) -> None:
+    from llt.safeload import DEFAULT_MAX_BYTES
+
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help=f"refuse checkpoint files that are (or unpack to) more bytes than this (default "
+                        f"{DEFAULT_MAX_BYTES:,}: a few times the largest PreAct-ResNet-18 checkpoint)")
+
+
 def _add_progress_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quiet", dest="progress", action="store_const", const="quiet", default="auto",
@@ -68,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=int, required=True, help="task k (1-based)")
     p.add_argument("--checkpoint", help="instead of a run: any checkpoint (llt, llt export, or the original code's), "
                                         "evaluated on the stream of --preset")
-    p.add_argument("--pruned", action="store_true", help="with --checkpoint: the file must carry a mask (applied)")
+    p.add_argument("--pruned", action="store_true", help="with --checkpoint: require the file to carry a mask (a "
+                                                         "mask in the file is applied with or without --pruned)")
+    _add_max_bytes(p)
     p.add_argument("--preset", help="with --checkpoint: the preset whose data and stream to use")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="with --checkpoint: override a config field")
@@ -97,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --weights: override a config field")
     p.add_argument("--out", help="folder for the new run directory (default: beside the source run, or runs/)")
     p.add_argument("--data-dir", help="the data folder, if it moved since the run")
+    _add_max_bytes(p)
     _add_progress_args(p)
 
     p = sub.add_parser("export", help="write the ticket of task k of a run as a file (llt, prune or packed layout)")
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="e.g. BU_ticket.pt, task3_best_model.pt")
     p.add_argument("--out", required=True, help="folder for ticket.pt and import.json")
     p.add_argument("--stem-stride", type=int, default=1, help="2 for 64x64 models (Tiny-ImageNet)")
+    _add_max_bytes(p)
 
     p = sub.add_parser("study", help="run a grid of runs (methods x controls x seeds) from a YAML spec, locally or on Ray")
     p.add_argument("spec", help="the study spec (see docs/studies.md)")
@@ -203,7 +215,8 @@ def cmd_eval(args) -> int:
             raise LLTError("give a run directory or --checkpoint FILE, not both")
         from llt.methods.external import evaluate_checkpoint
 
-        evaluate_checkpoint(args.checkpoint, args.task, load_config(args.preset, _overrides(args)), args.pruned)
+        evaluate_checkpoint(args.checkpoint, args.task, load_config(args.preset, _overrides(args)), args.pruned,
+                            args.max_bytes)
         return 0
     if not args.run_dir:
         raise LLTError("llt eval needs a run directory or --checkpoint FILE")
@@ -242,7 +255,7 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from llt.methods.external import import_file
 
-    import_file(args.file, args.out, args.stem_stride)
+    import_file(args.file, args.out, args.stem_stride, args.max_bytes)
     return 0
 
 
@@ -269,7 +282,8 @@ def cmd_retrain(args) -> int:
         from llt.methods.external import retrain_subnetwork
 
         cfg = load_config(args.preset, _overrides(args))
-        retrain_subnetwork(args.weights, args.mask, args.task, cfg, args.preset, args.teacher, args.progress)
+        retrain_subnetwork(args.weights, args.mask, args.task, cfg, args.preset, args.teacher, args.progress,
+                           args.max_bytes)
         return 0
     if not args.run_dir:
         raise LLTError("llt retrain needs a finished ticket run directory, or --weights W --mask M --task k")

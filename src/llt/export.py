@@ -1,8 +1,9 @@
 """Tickets you can hand to others: export a task's ticket of a run in three layouts, and read any of them back.
 
     llt      {"state": {"model": state_dict, "mask": {name: bool}}, "meta": JSON}: llt's own checkpoint layout
-    prune    the torch.nn.utils.prune layout, {"state_dict": ...} with `<name>_orig` and `<name>_mask` for every
-             pruned conv (what the original code saves), plus "llt_model" (the architecture)
+    prune    the torch.nn.utils.prune layout under the original's parameter names, {"state_dict": ...} with
+             `<name>_orig` and `<name>_mask` for every pruned conv and the heads as `linear_main.t` (balanced)
+             and `linear.t` (random branch): what the original code saves and loads; plus "llt_model"
     packed   a self-describing compact ticket: per conv, the mask bit-packed (numpy.packbits, row-major) and
              only the kept weights (fp16 or fp32); BatchNorm and heads dense in fp32; a JSON header with the
              format, architecture, config hash, density per layer and a sha256 of every part
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from llt.errors import LLTError
+from llt.interop import original_name
 from llt.models import build_model
 from llt.pruning.mask import Mask
 
@@ -39,10 +41,30 @@ def architecture(model) -> dict:
 
 
 def rebuild(arch: dict):
+    """The model a file describes; sizes beyond any PreAct-ResNet-18 a ticket comes from are refused before
+    anything is allocated."""
     try:
-        return build_model(arch["num_tasks"], arch["classes_per_task"], arch["width"], arch["stem_stride"])
-    except (KeyError, TypeError) as e:
+        sizes = {k: int(arch[k]) for k in ("num_tasks", "classes_per_task", "width", "stem_stride")}
+    except (KeyError, TypeError, ValueError) as e:
         raise LLTError(f"the file does not describe its model ({e})") from None
+    bounds = {"num_tasks": 1000, "classes_per_task": 1000, "width": 512, "stem_stride": 4}
+    bad = [f"{k}={v}" for k, v in sizes.items() if not 1 <= v <= bounds[k]]
+    if bad:
+        raise LLTError(f"the file describes an implausible model ({', '.join(bad)}); refused")
+    return build_model(sizes["num_tasks"], sizes["classes_per_task"], sizes["width"], sizes["stem_stride"])
+
+
+def _mask_only(obj) -> bool:
+    """Whether a read file holds masks and no weights (the original's mask files, llt's masks/*.pt)."""
+    if isinstance(obj, dict) and set(obj) == {"state", "meta"} and isinstance(obj["state"], dict):
+        obj = obj["state"]
+        return bool(obj) and all(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in obj.values())
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        return False
+    keys = [str(k) for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    return bool(keys) and all(k.endswith("_mask") for k in keys)
 
 
 def pack(state: dict, mask: Mask, arch: dict, dtype: torch.dtype = torch.float16, **header) -> dict:
@@ -81,6 +103,8 @@ def unpack(obj: dict, source: str = "packed ticket") -> tuple[dict, Mask, dict]:
     state, masks = dict(dense), {}
     for n, shape in head["shapes"].items():
         numel = int(np.prod(shape))
+        if n not in bits or n not in kept or numel > bits[n].numel() * 8:
+            raise LLTError(f"{source}: {n} declares shape {shape}, more than its stored mask bits cover")
         keep = torch.from_numpy(np.unpackbits(bits[n].numpy(), count=numel).astype(bool))
         if int(keep.sum()) != kept[n].numel():
             raise LLTError(f"{source}: {n} keeps {int(keep.sum())} weights in its mask but stores {kept[n].numel()}")
@@ -98,7 +122,10 @@ def export_state(model, state: dict, mask: Mask, fmt: str, dtype: torch.dtype = 
                 "meta": json.dumps({"kind": "llt-ticket", "architecture": arch, "density": mask.density(), **header})}
     if fmt == "prune":
         model.load_state_dict(state)
-        return {"state_dict": mask.to_prune_layout(model), "llt_model": json.dumps(arch)}
+        # the original's parameter names (heads as linear_main.t / linear.t), so that its model, prepared
+        # with torch.nn.utils.prune, loads it with a strict load_state_dict
+        return {"state_dict": {original_name(k): v for k, v in mask.to_prune_layout(model).items()},
+                "llt_model": json.dumps(arch)}
     if fmt == "packed":
         return pack(state, mask, arch, dtype, **header)
     raise LLTError(f"--format must be llt, prune or packed, got {fmt!r}")
@@ -115,13 +142,18 @@ def infer_architecture(state: dict, stem_stride: int = 1) -> dict:
         raise LLTError(f"not a PreAct-ResNet-18 state_dict with per-task heads ({e})") from None
 
 
-def load_ticket(path, stem_stride: int = 1):
+def load_ticket(path, stem_stride: int = 1, max_bytes: int | None = None):
     """(model, mask, info) from any ticket file: a packed, llt or prune export of llt, an llt stage
     checkpoint, or a checkpoint/mask of the original code. `mask` is None for a dense file. Never runs
-    code from the file; pruned weights of the model are zero."""
+    code from the file and reads it within `max_bytes` (default llt.safeload.DEFAULT_MAX_BYTES); pruned
+    weights of the model are zero. A file that holds only a mask is refused, naming --mask."""
     from llt.interop import convert, read_tensors
+    from llt.safeload import DEFAULT_MAX_BYTES
 
-    obj, skipped = read_tensors(path)
+    obj, skipped = read_tensors(path, DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    if _mask_only(obj):
+        raise LLTError(f"{path}: holds only a mask (no weights); give it as --mask to `llt retrain --weights W "
+                       f"--mask {path}`, or evaluate a checkpoint that has weights")
     info = {"skipped": skipped}
     if isinstance(obj, dict) and "header" in obj and "bits" in obj:
         state, mask, head = unpack(obj, str(path))

@@ -32,6 +32,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _process_umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing with writer threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+_UMASK = _process_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` fills a temporary file beside `path`; it is fsynced and renamed over `path`, then the
     folder is fsynced. On any failure the temporary is removed and `path` keeps its old content."""
@@ -40,6 +55,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)       # what open() would give (mkstemp makes 0600)
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,15 +27,18 @@ from llt.methods.base import Done, Engine, history_record, load_teaching
 from llt.pruning.mask import Mask
 from llt.runs import RunDir, config_hash, ensure_writable
 from llt.runtime import default_eval_batch
+from llt.safeload import DEFAULT_MAX_BYTES
 from llt.storage import atomic_torch_save, load_checkpoint
 
 
-def evaluate_checkpoint(path: str, task: int, cfg: RunConfig, pruned: bool = False) -> dict:
-    """Test accuracy on tasks 1..task of any checkpoint file, on the stream `cfg` describes."""
+def evaluate_checkpoint(path: str, task: int, cfg: RunConfig, pruned: bool = False,
+                        max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Test accuracy on tasks 1..task of any checkpoint file, on the stream `cfg` describes. A mask in the
+    file is always applied; `pruned` requires the file to carry one."""
     from llt.api import evaluate, stream_data
 
     stride = cfg.model.stem_stride or 1
-    model, mask, info = load_ticket(path, stem_stride=stride)
+    model, mask, info = load_ticket(path, stem_stride=stride, max_bytes=max_bytes)
     if pruned and mask is None:
         raise LLTError(f"{path}: --pruned: the file holds no mask (no weight_mask entries, not a ticket export)")
     data = stream_data(cfg)
@@ -52,7 +56,7 @@ def evaluate_checkpoint(path: str, task: int, cfg: RunConfig, pruned: bool = Fal
     return {"row": row, "sa": sa, "density": density}
 
 
-def _mask_of(source: str, task: int, model) -> tuple[Mask, Path | None]:
+def _mask_of(source: str, task: int, model, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Mask, Path | None]:
     """The mask for task k: from a run directory (its masks/task{k}.pt) or a mask/checkpoint file."""
     p = Path(source)
     if p.is_dir():
@@ -60,50 +64,77 @@ def _mask_of(source: str, task: int, model) -> tuple[Mask, Path | None]:
         if not f.is_file():
             raise LLTError(f"{p} has no mask for task {task} ({f} is missing)")
         return Mask.load(f, model), p
-    _, mask, _ = load_external(p, model)
+    _, mask, _ = load_external(p, model, max_bytes)
     if mask is None:
         raise LLTError(f"{p}: holds no mask (no *weight_mask entries)")
     return mask, None
 
 
-def _weights_of(source: str, model) -> dict:
+def _weights_of(source: str, model, max_bytes: int = DEFAULT_MAX_BYTES, keep_orig: bool = True) -> dict:
+    """The weights to start from. From a pruned file, pruned weights start at their stored weight_orig, as the
+    original's main_train.py starts them (the re-training's own mask then decides what is kept); with
+    keep_orig=False (a teacher) the file's own mask is applied."""
     p = Path(source)
     if p.is_dir():
         p = p / "checkpoints/init.pt"
-    state, _, _ = load_external(p, model)
+    state, _, skipped = load_external(p, model, max_bytes, keep_orig=keep_orig)
     if not state:
         raise LLTError(f"{p}: holds no weights")
+    if skipped:
+        print(f"{p}: skipped pickled objects: {', '.join(skipped)}")
     return state
 
 
 def retrain_subnetwork(weights: str, mask_src: str, task: int, cfg: RunConfig, preset: str | None,
-                       teacher: str | None = None, progress: str = "auto") -> dict:
-    """main_train.py: train the subnetwork (weights under mask) on task k; a run directory with the result."""
+                       teacher: str | None = None, progress: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """main_train.py: train the subnetwork (weights under mask) on task k; a run directory with the result.
+    A new run directory whose set-up fails (weights, mask or teacher that do not fit) is removed again."""
     ident = hashlib.sha256(json.dumps([config_hash(cfg), str(Path(weights).resolve()), str(Path(mask_src).resolve()),
                                        str(Path(teacher).resolve()) if teacher else None, task]).encode()).hexdigest()[:10]
-    rd = RunDir.create(ensure_writable(cfg.run.out_dir), f"retrain-task{task}-{ident}")
+    out = ensure_writable(cfg.run.out_dir)
+    existed = (Path(out) / f"retrain-task{task}-{ident}").exists()
+    rd = RunDir.create(out, f"retrain-task{task}-{ident}")
+    try:
+        return _retrain(rd, weights, mask_src, task, cfg, preset, teacher, progress, max_bytes)
+    except _SetupError as e:
+        if not existed:
+            shutil.rmtree(rd.path, ignore_errors=True)
+        raise LLTError(str(e)) from None
+
+
+class _SetupError(LLTError):
+    """A re-training that could not start (nothing was trained)."""
+
+
+def _retrain(rd: RunDir, weights: str, mask_src: str, task: int, cfg: RunConfig, preset: str | None,
+             teacher: str | None, progress: str, max_bytes: int) -> dict:
     with rd.lock():
-        ctx = prepare(cfg, preset, rd=rd)
-        rd.write_json("external.json", {"weights": str(weights), "mask": str(mask_src), "task": task,
-                                        "teacher": teacher, "preset": preset})
-        n = ctx.stream.num_tasks
-        if not 1 <= task <= n:
-            raise LLTError(f"--task must be in 1..{n} for this stream, got {task}")
         t = task - 1
-        eng = Engine(ctx, cfg.train.epochs, progress)
-        start = _weights_of(weights, eng.model)
-        mask, mask_run = _mask_of(mask_src, task, eng.model)
         teaching, teacher_name = None, None
-        if t > 0 and cfg.teaching.enabled:
-            if teacher:
-                eng.load(_weights_of(teacher, eng.model), f"the teacher {teacher}")
-                teaching, teacher_name = eng.teaching(t), teacher
-            elif mask_run is not None and (mask_run / f"teaching/task{t}.pt").is_file():
-                teacher_name = str(mask_run / f"teaching/task{t}.pt")
-                teaching = load_teaching(teacher_name, ctx.device)
-            else:
-                raise LLTError(f"task {task} needs a teacher for lottery teaching: --teacher FILE, an llt run directory "
-                               f"as --mask, or --set teaching.enabled=false")
+        try:
+            ctx = prepare(cfg, preset, rd=rd)
+            rd.write_json("external.json", {"weights": str(weights), "mask": str(mask_src), "task": task,
+                                            "teacher": teacher, "preset": preset})
+            n = ctx.stream.num_tasks
+            eng = Engine(ctx, cfg.train.epochs, progress)
+            if not 1 <= task <= n:
+                raise LLTError(f"--task must be in 1..{n} for this stream, got {task}")
+            start = _weights_of(weights, eng.model, max_bytes)
+            mask, mask_run = _mask_of(mask_src, task, eng.model, max_bytes)
+            if t > 0 and cfg.teaching.enabled:
+                if teacher:
+                    eng.load(_weights_of(teacher, eng.model, max_bytes, keep_orig=False), f"the teacher {teacher}")
+                    teaching, teacher_name = eng.teaching(t), teacher
+                elif mask_run is not None and (mask_run / f"teaching/task{t}.pt").is_file():
+                    teacher_name = str(mask_run / f"teaching/task{t}.pt")
+                    teaching = load_teaching(teacher_name, ctx.device)
+                else:
+                    raise LLTError(f"task {task} needs a teacher for lottery teaching: --teacher FILE, an llt run "
+                                   f"directory as --mask, or --set teaching.enabled=false")
+        except LLTError as e:
+            if rd.stage_done(f"task{task}") or any(rd.path.glob("stages/*.done")):
+                raise
+            raise _SetupError(str(e)) from None
 
         def compute() -> Done:
             eng.load(start, f"the weights {weights}")
@@ -127,9 +158,9 @@ def retrain_subnetwork(weights: str, mask_src: str, task: int, cfg: RunConfig, p
         return result
 
 
-def import_file(path: str, out: str, stem_stride: int = 1) -> dict:
+def import_file(path: str, out: str, stem_stride: int = 1, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Convert an original checkpoint (or any ticket file) to llt's layout: OUT/ticket.pt and import.json."""
-    model, mask, info = load_ticket(path, stem_stride)
+    model, mask, info = load_ticket(path, stem_stride, max_bytes=max_bytes)
     if mask is None:
         mask = Mask.ones(model)
     folder = ensure_writable(out)
