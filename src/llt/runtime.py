@@ -22,7 +22,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def cpu_bf16_capability() -> str | None:
-    """The CPU's native bf16 instruction set as torch reports it: "amx-bf16", "avx512-bf16", or None."""
+    """The CPU's native bf16 instruction set as torch reports it: "amx-bf16", "avx512-bf16", or None.
+    LLT_CPU_BF16=0 in the environment reports None (`auto` then means fp32 on this CPU)."""
+    if os.environ.get("LLT_CPU_BF16") == "0":
+        return None
     cpu = getattr(torch, "cpu", None)
     if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
         return "amx-bf16"
