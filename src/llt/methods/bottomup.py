@@ -98,7 +98,9 @@ class BottomUp:
                           teaching=teaching)
             eng.model.load_state_dict(res.best_state)
             # the best epoch's validation is the decision on the validation split: reuse it, not re-evaluate
-            dec = {"row": res.best_row, "overall": res.best_val} if self.split == "val" else self.decision_accuracy(t)
+            # (an epoch checkpoint written before per-task rows were kept has none: evaluate then)
+            reuse = self.split == "val" and len(res.best_row) == t + 1
+            dec = {"row": res.best_row, "overall": res.best_val} if reuse else self.decision_accuracy(t)
             meta = {"task": t + 1, "row": eng.accuracy(t)["row"], "decision_row": dec["row"],
                     "decision_overall": dec["overall"], "best_epoch": res.best_epoch, "best_val": res.best_val,
                     "density": 1.0 if mask is None else mask.density()}
