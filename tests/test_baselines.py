@@ -200,3 +200,15 @@ def test_ewc_warns_when_lambda_makes_sgd_diverge(capsys):
     assert not check_stability(fisher, 5000.0, 0.01, 0.9, 0)
     err = capsys.readouterr().err
     assert "ewc after task 1" in err and "2.5e+03 exceeds" in err and "below 760" in err
+
+
+def test_replay_with_herding_replays_as_many_exemplars_as_with_random_selection(tmp_path, monkeypatch):
+    """Issue 18, item 1: the baselines' loop herds after each task, so that replay with
+    data.exemplar_selection=herding trains with a memory (it had none)."""
+    sizes = {}
+    for selection in ("random", "herding"):
+        calls = spy_fits(monkeypatch)
+        assert run(tmp_path / selection, "replay", "--set", f"data.exemplar_selection={selection}") == 0
+        sizes[selection] = [c["memory"].numel() for c in calls]
+        monkeypatch.undo()
+    assert sizes["herding"] == sizes["random"] == [0, 10, 20]

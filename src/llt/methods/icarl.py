@@ -48,8 +48,7 @@ class ICaRL(Baseline):
 
     def exemplars(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and labels of the exemplars of every class seen after task t."""
-        stream = self.eng.ctx.stream
-        self.eng.herd(t, last=True)
+        stream = self.eng.ctx.stream          # (with herding, run_baseline herded task t's classes already)
         pool = self.eng.herded if stream.exemplar_selection == "herding" else stream.exemplars
         labels = [lab for task in stream.tasks[: t + 1] for lab in task.labels]
         idx = torch.cat([pool[lab] for lab in labels])

@@ -86,6 +86,8 @@ def run_baseline(ctx: Context, method: type[Baseline], progress: str = "auto") -
             eng.model.load_state_dict(res.best_state)
             if mask is not None:
                 assert not mask.pruned_nonzero(eng.model)
+            if m.replays_memory:      # with herding, the memory of task t's classes comes from this model
+                eng.herd(t, last=True)
             extra = m.after_task(t)
             row, more = m.evaluate(t)
             density = mask.density() if mask is not None else remaining_weights(eng.model) / 100
