@@ -212,3 +212,58 @@ def test_replay_with_herding_replays_as_many_exemplars_as_with_random_selection(
         sizes[selection] = [c["memory"].numel() for c in calls]
         monkeypatch.undo()
     assert sizes["herding"] == sizes["random"] == [0, 10, 20]
+
+
+def test_memoryless_baselines_choose_their_best_epoch_without_old_class_validation_images(tmp_path, monkeypatch):
+    """Issue 18, item 5: finetune, LwF and EWC never see an old class's validation image (instrumented at the
+    trainer's selection); replay and joint select on every seen class's."""
+    from llt.trainer import Trainer
+
+    seen = []
+    real = Trainer.validate
+
+    def validate(self, data, num_heads):
+        seen.append(data.val_idx.cpu().clone())
+        return real(self, data, num_heads)
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    for method in ("finetune", "lwf", "ewc", "replay", "joint"):
+        seen.clear()
+        assert run(tmp_path / method, method) == 0
+        [rd] = list((tmp_path / method).iterdir())
+        stream = stream_of(rd)
+        val = [set(stream[f"task{t + 1}.val_idx"].tolist()) for t in range(3)]
+        per_task = [seen[2 * t: 2 * t + 2] for t in range(3)]          # 2 epochs per task
+        for t, used in enumerate(per_task):
+            for idx in used:
+                ids = set(idx.tolist())
+                if method in ("finetune", "lwf", "ewc"):
+                    assert ids == val[t], (method, t)                   # the current task's only
+                else:
+                    assert ids == set().union(*val[: t + 1]), (method, t)
+
+
+def test_icarl_class_means_average_the_exemplars_and_their_flips():
+    """Issue 18, item 6: the class mean is the normalised mean of the normalised features of the exemplars
+    and of their horizontal flips (hand computation)."""
+    import torch.nn.functional as F
+
+    from llt.data.augment import Normalizer
+    from llt.methods.icarl import exemplar_means
+    from llt.models import build_model
+
+    model = build_model(2, 2, width=4, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    norm = Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")
+    means = exemplar_means(model, images, labels, 2, norm)
+    with torch.no_grad():
+        for c in range(2):
+            x = images[labels == c]
+            f = F.normalize(model.features(norm(x)), dim=1)
+            f_flip = F.normalize(model.features(norm(x.flip(3))), dim=1)
+            expect = F.normalize(torch.cat([f, f_flip]).mean(0), dim=0)
+            assert torch.allclose(means[c], expect, atol=1e-6)
+            no_flip = F.normalize(f.mean(0), dim=0)
+            assert not torch.allclose(means[c], no_flip, atol=1e-4)        # the flips do count

@@ -138,7 +138,8 @@ class PruneSection:
 @dataclass(frozen=True)
 class BaselineSection:
     lwf_lambda: float = _f(1.0, "lwf: weight of the distillation term (Li & Hoiem 2016 use lambda_o = 1)")
-    lwf_temperature: float = _f(2.0, "lwf: distillation temperature T (loss scaled by T^2; Li & Hoiem 2016 use T = 2)")
+    lwf_temperature: float = _f(2.0, "lwf: distillation temperature T (the soft cross-entropy is not scaled by "
+                                "T^2, as in FACIL; Li & Hoiem 2016 use T = 2)")
     ewc_lambda: float = _f(5000.0, "ewc: penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 "
                            "(5000: the FACIL survey's default for this network size)")
     ewc_alpha: float = _f(0.5, "ewc: Fisher accumulation over tasks, F <- alpha F_old + (1 - alpha) F_task (FACIL's "

@@ -191,8 +191,9 @@ class Engine:
             memory: bool = True) -> TaskResult:
         """Train the current model on task t (0-based) under `mask` (None: dense); returns the result.
 
-        The best epoch is chosen on the validation images of every seen class, or, with select_on="test"
-        (only for prune.decision_split=test-compat), on their test images as the original did. Baselines
+        The best epoch is chosen on the validation images of every seen class, with select_on="val-current"
+        on the current task's only (baselines without old data), or, with select_on="test" (only for
+        prune.decision_split=test-compat), on their test images as the original did. Baselines
         give a `recipe` (their loss terms), a frozen `teacher`, the training indices `new_idx` (default: task
         t's) and whether the exemplar memory is replayed.
         """
@@ -204,7 +205,9 @@ class Engine:
                         memory_idx=mem.to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
                         teaching=teaching, teacher=teacher,
                         val_sizes=tuple(x.val_idx.numel() for x in ctx.stream.tasks[: t + 1]))
-        if select_on == "test":
+        if select_on == "val-current":        # memoryless baselines: the current task's validation images only
+            data.val_idx, data.val_sizes = task.val_idx.to(ctx.device), (task.val_idx.numel(),)
+        elif select_on == "test":
             data.val_images, data.val_labels = ctx.test_images, ctx.stream.test_labels.to(ctx.device)
             data.val_idx = torch.cat([x.test_idx for x in ctx.stream.tasks[: t + 1]]).to(ctx.device)
             data.val_sizes = tuple(x.test_idx.numel() for x in ctx.stream.tasks[: t + 1])

@@ -33,6 +33,15 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return means
 
 
+def exemplar_means(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int, normalizer,
+                   batch_size: int = 256, autocast_dtype=None) -> torch.Tensor:
+    """iCaRL's class means: per class, the mean of the L2-normalised features of its exemplars and of their
+    horizontal flips (as the original iCaRL and FACIL compute them), normalised again."""
+    f = extract_features(model, images, normalizer, batch_size, autocast_dtype).cpu()
+    f_flip = extract_features(model, images.flip(3), normalizer, batch_size, autocast_dtype).cpu()
+    return class_means(torch.cat([f, f_flip]), torch.cat([labels, labels]).cpu(), num_classes)
+
+
 def nme_predict(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """The index of the nearest class mean to each L2-normalised feature (Euclidean distance)."""
     return torch.cdist(F.normalize(features.float(), dim=1), means).argmin(1)
@@ -58,9 +67,8 @@ class ICaRL(Baseline):
         ctx, eng = self.eng.ctx, self.eng
         bs = ctx.eval_batch
         idx, labels = self.exemplars(t)
-        feats = extract_features(eng.model, ctx.train_images[idx.to(ctx.device)], ctx.normalizer, bs,
-                                 ctx.autocast_dtype).cpu()
-        means = class_means(feats, labels, (t + 1) * ctx.stream.classes_per_task)
+        means = exemplar_means(eng.model, ctx.train_images[idx.to(ctx.device)], labels,
+                               (t + 1) * ctx.stream.classes_per_task, ctx.normalizer, bs, ctx.autocast_dtype)
         row = []
         for task in ctx.stream.tasks[: t + 1]:
             f = extract_features(eng.model, ctx.test_images[task.test_idx.to(ctx.device)], ctx.normalizer, bs,

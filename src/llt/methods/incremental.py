@@ -32,6 +32,7 @@ class Baseline:
 
     name = "finetune"
     replays_memory = False
+    trains_on_old_data = False             # joint: all of the seen classes' training data
     uses_teacher = False
     extra_states: tuple[str, ...] = ()     # names of the states after_task returns (kept with the stage)
 
@@ -44,6 +45,13 @@ class Baseline:
 
     def recipe(self, t: int) -> Recipe:
         return Recipe()
+
+    @property
+    def select_on(self) -> str:
+        """Where the best epoch is chosen: a method without old data (no memory, no joint training) uses only
+        the current task's validation images ("val-current"); the old classes' are data it is defined not
+        to have. The others use the validation images of every seen class, as the tickets do."""
+        return "val" if self.replays_memory or self.trains_on_old_data else "val-current"
 
     def after_task(self, t: int) -> dict[str, dict]:
         """Called with the best model of task t loaded; returns extra states to keep with the stage."""
@@ -82,7 +90,8 @@ def run_baseline(ctx: Context, method: type[Baseline], progress: str = "auto") -
             if m.uses_teacher and t > 0:            # the previous model, frozen
                 teacher = copy.deepcopy(eng.model).eval().requires_grad_(False)
             res = eng.fit(t, eng.schedule(), f"augment/{m.name}/task{T}", f"task {T}/{n} {m.name}", mask=mask,
-                          recipe=m.recipe(t), teacher=teacher, new_idx=m.new_indices(t), memory=m.replays_memory)
+                          recipe=m.recipe(t), teacher=teacher, new_idx=m.new_indices(t), memory=m.replays_memory,
+                          select_on=m.select_on)
             eng.model.load_state_dict(res.best_state)
             if mask is not None:
                 assert not mask.pruned_nonzero(eng.model)

@@ -10,6 +10,7 @@ from llt.methods.incremental import Baseline
 
 class Joint(Baseline):
     name = "joint"
+    trains_on_old_data = True
 
     def new_indices(self, t: int) -> torch.Tensor:
         return torch.cat([task.train_idx for task in self.eng.ctx.stream.tasks[: t + 1]])
