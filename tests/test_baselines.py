@@ -267,3 +267,38 @@ def test_icarl_class_means_average_the_exemplars_and_their_flips():
             assert torch.allclose(means[c], expect, atol=1e-6)
             no_flip = F.normalize(f.mean(0), dim=0)
             assert not torch.allclose(means[c], no_flip, atol=1e-4)        # the flips do count
+
+
+def test_local_cross_entropy_gives_old_class_logits_no_gradient():
+    """Issue 18, item 3: with ce_scope=local the cross-entropy covers the current task's classes only, so the
+    old heads get exactly zero gradient from it; the global form moves them."""
+    from llt.data.augment import Normalizer
+    from llt.models import build_model
+    from llt.trainer import Recipe, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(2, 4, (8,), generator=g)   # task 2's labels
+    grads = {}
+    for scope, offset in (("local", 2), ("global", 0)):
+        model = build_model(3, 2, width=4, seed=0)
+        loss = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")).recipe_loss(1, x, y, None, Recipe(ce_offset=offset))
+        loss.backward()
+        grads[scope] = model.heads_main[0].weight.grad
+        assert model.heads_main[1].weight.grad.abs().sum() > 0
+    assert grads["local"] is None or torch.count_nonzero(grads["local"]) == 0
+    assert grads["global"] is not None and torch.count_nonzero(grads["global"]) > 0
+
+
+def test_ce_scope_defaults_to_local_for_lwf_and_ewc_and_is_refused_where_batches_hold_old_classes(tmp_path, monkeypatch):
+    for method, expect in (("lwf", [0, 2, 4]), ("ewc", [0, 2, 4]), ("finetune", [0, 0, 0])):
+        calls = spy_fits(monkeypatch)
+        assert run(tmp_path / method, method) == 0
+        assert [c["recipe"].ce_offset for c in calls] == expect, method
+        monkeypatch.undo()
+    from llt.config import load_config
+    from llt.errors import LLTError
+
+    assert load_config("demo", ["run.method=finetune", "baseline.ce_scope=local"]).baseline.ce_scope == "local"
+    for method in ("replay", "icarl", "joint"):
+        with pytest.raises(LLTError, match="baseline.ce_scope"):
+            load_config("demo", [f"run.method={method}", "baseline.ce_scope=local"])

@@ -145,6 +145,9 @@ class BaselineSection:
     ewc_alpha: float = _f(0.5, "ewc: Fisher accumulation over tasks, F <- alpha F_old + (1 - alpha) F_task (FACIL's "
                           "default 0.5); 0 keeps only the newest task's Fisher")
     icarl_temperature: float = _f(1.0, "icarl: temperature of the old model's sigmoid targets (Rebuffi et al. 2017: 1)")
+    ce_scope: str = _f("auto", "cross-entropy of finetune, lwf and ewc over 'local': the current task's classes "
+                       "(FACIL, PyCIL), or 'global': every seen class; 'auto': local for lwf and ewc, global for "
+                       "finetune", ("auto", "local", "global"))
     mask_from: str = _f("", "train under the tickets of a finished Top-Down or Bottom-Up run (its masks/task{t}.pt "
                         "for task t); empty: dense")
 
@@ -439,6 +442,8 @@ def validate(cfg: RunConfig) -> None:
         _need(d.exemplars_per_class >= 1, "data.exemplars_per_class",
               f"run.method={cfg.run.method} replays an exemplar memory: needs at least 1 exemplar per class, got "
               f"{d.exemplars_per_class}")
+    _need(b.ce_scope != "local" or cfg.run.method in ("finetune", "lwf", "ewc"), "baseline.ce_scope",
+          f"local applies to finetune, lwf and ewc (no old data in their batches), not to run.method={cfg.run.method}")
     _need(not b.mask_from or cfg.run.method in BASELINES, "baseline.mask_from",
           f"applies to the baselines ({', '.join(BASELINES)}), not to run.method={cfg.run.method}")
 

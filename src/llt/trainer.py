@@ -88,12 +88,16 @@ class Recipe:
     distill       LwF: weight of the soft cross-entropy of the old heads to the teacher's (not T^2-scaled)
     temperature   distillation temperature (LwF) or sigmoid temperature of the teacher's targets (iCaRL)
     penalty       EWC: a callable model -> scalar tensor added to the loss (None: no penalty)
+    ce_offset     "ce" over the logits from this index on, labels shifted by it: the current task's classes
+                  only ("local" cross-entropy of FACIL and PyCIL) when it is the first class of the task; 0:
+                  over every seen class
     """
 
     loss: str = "ce"
     distill: float = 0.0
     temperature: float = 2.0
     penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None
+    ce_offset: int = 0
 
 
 def learning_rate(s: Schedule, epoch: int) -> float:
@@ -191,7 +195,7 @@ class Trainer:
             # tickets' learning rate serves (a mean over classes too, as iCaRL's Theano code, needs lr 2.0)
             loss = F.binary_cross_entropy_with_logits(z, target, reduction="sum") / z.shape[0]
         else:
-            loss = F.cross_entropy(z, y)
+            loss = F.cross_entropy(z[:, r.ce_offset:], y - r.ce_offset) if r.ce_offset else F.cross_entropy(z, y)
             if old is not None and r.distill:
                 # Li & Hoiem's term is the unscaled soft cross-entropy: undo llt's T^2 factor
                 loss = loss + r.distill * distillation(z[:, :old.shape[1]], old.float(), r.temperature) / r.temperature ** 2

@@ -235,7 +235,7 @@ class Engine:
                     "select_on": select_on, "mask": fingerprint_mask(None if mask is None else mask.masks),
                     "memory": fingerprint_tensor(data.memory_idx), "new": fingerprint_tensor(data.new_idx),
                     "recipe": None if recipe is None else [recipe.loss, recipe.distill, recipe.temperature,
-                                                           recipe.penalty is not None],
+                                                           recipe.penalty is not None, recipe.ce_offset],
                     "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
         return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
 

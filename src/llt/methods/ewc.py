@@ -94,11 +94,11 @@ class EWC(Baseline):
 
     def recipe(self, t: int) -> Recipe:
         if t == 0 or self.fisher is None:
-            return Recipe()
+            return Recipe(ce_offset=self.ce_offset(t))
         dev = self.eng.ctx.device
         penalty = EWCPenalty({k: v.to(dev) for k, v in self.fisher.items()},
                              {k: v.to(dev) for k, v in self.anchor.items()}, self.cfg.baseline.ewc_lambda)
-        return Recipe(penalty=penalty)
+        return Recipe(penalty=penalty, ce_offset=self.ce_offset(t))
 
     def after_task(self, t: int) -> dict[str, dict]:
         ctx, b = self.eng.ctx, self.cfg.baseline

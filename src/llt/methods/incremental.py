@@ -44,7 +44,15 @@ class Baseline:
         return self.eng.ctx.stream.tasks[t].train_idx
 
     def recipe(self, t: int) -> Recipe:
-        return Recipe()
+        return Recipe(ce_offset=self.ce_offset(t))
+
+    def ce_offset(self, t: int) -> int:
+        """Recipe.ce_offset of task t under baseline.ce_scope ('auto': local for LwF and EWC, as FACIL and
+        PyCIL train them without exemplars; global for finetune)."""
+        scope = self.cfg.baseline.ce_scope
+        if scope == "auto":
+            scope = "local" if self.name in ("lwf", "ewc") else "global"
+        return t * self.eng.ctx.stream.classes_per_task if scope == "local" else 0
 
     @property
     def select_on(self) -> str:
