@@ -68,7 +68,8 @@ def evaluate(model: torch.nn.Module, data: StreamData, task: int, batch_size: in
              precision: str = "fp32") -> list[float]:
     """Test accuracy (percent) on each of tasks 1..task, predicting over the classes of those tasks
     (the balanced branch, task-agnostic), as llt reports it. `precision` as train.precision: "fp32" (the
-    default: float32, what bit-exact comparisons use), "auto" or "bf16" (llt.runtime.resolve_numerics)."""
+    default: float32, what bit-exact comparisons use), "auto" or "bf16" (llt.runtime.resolve_numerics;
+    where that means channels-last, the model is converted to it in place)."""
     n = data.stream.num_tasks
     if not 1 <= task <= n:
         raise LLTError(f"task must be in 1..{n}, got {task}")

@@ -54,19 +54,6 @@ def rebuild(arch: dict):
     return build_model(sizes["num_tasks"], sizes["classes_per_task"], sizes["width"], sizes["stem_stride"])
 
 
-def _mask_only(obj) -> bool:
-    """Whether a read file holds masks and no weights (the original's mask files, llt's masks/*.pt)."""
-    if isinstance(obj, dict) and set(obj) == {"state", "meta"} and isinstance(obj["state"], dict):
-        obj = obj["state"]
-        return bool(obj) and all(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in obj.values())
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        return False
-    keys = [str(k) for k, v in obj.items() if isinstance(v, torch.Tensor)]
-    return bool(keys) and all(k.endswith("_mask") for k in keys)
-
-
 def pack(state: dict, mask: Mask, arch: dict, dtype: torch.dtype = torch.float16, **header) -> dict:
     """The packed ticket of `state` under `mask` (a dict for torch.save)."""
     if dtype not in (torch.float16, torch.float32):
@@ -151,9 +138,6 @@ def load_ticket(path, stem_stride: int = 1, max_bytes: int | None = None):
     from llt.safeload import DEFAULT_MAX_BYTES
 
     obj, skipped = read_tensors(path, DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
-    if _mask_only(obj):
-        raise LLTError(f"{path}: holds only a mask (no weights); give it as --mask to `llt retrain --weights W "
-                       f"--mask {path}`, or evaluate a checkpoint that has weights")
     info = {"skipped": skipped}
     if isinstance(obj, dict) and "header" in obj and "bits" in obj:
         state, mask, head = unpack(obj, str(path))
@@ -166,7 +150,11 @@ def load_ticket(path, stem_stride: int = 1, max_bytes: int | None = None):
         info.update(format="llt", meta=meta)
     else:
         arch_json = obj.get("llt_model") if isinstance(obj, dict) else None
-        arch = json.loads(arch_json) if isinstance(arch_json, str) else infer_architecture(convert(obj, path)[0], stem_stride)
+        loose, loose_mask = convert(obj, path)          # names converted, not yet checked against a model
+        if not loose and loose_mask is not None:
+            raise LLTError(f"{path}: holds only a mask (no weights); give it as --mask to `llt retrain --weights W "
+                           f"--mask {path}`, or evaluate a checkpoint that has weights")
+        arch = json.loads(arch_json) if isinstance(arch_json, str) else infer_architecture(loose, stem_stride)
         model = rebuild(arch)
         state, mask = convert(obj, path, model)         # the file is read once
         info.update(format="prune" if arch_json else "checkpoint")

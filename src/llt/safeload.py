@@ -203,8 +203,8 @@ def _zip_pickle(path: Path, archive: zipfile.ZipFile) -> tuple[str, bytes]:
     return names[0][: -len("/data.pkl")], data
 
 
-def _read_zip(path: Path, archive: zipfile.ZipFile):
-    prefix, data = _zip_pickle(path, archive)
+def _read_zip(path: Path, archive: zipfile.ZipFile, prefix: str, data: bytes):
+    """The restricted reader over a zip archive whose pickle `data` (under `prefix`) was checked."""
 
     def storage(saved_id):
         kind, storage_type, key, _location, numel = saved_id[:5]
@@ -323,16 +323,16 @@ def read_tensors(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[
     else:
         archive = check_zip(path, max_bytes)
         with archive:
-            _zip_pickle(path, archive)                          # checked before torch's loader runs it
+            prefix, data = _zip_pickle(path, archive)           # checked before torch's loader runs it
             try:
                 obj, skipped = torch.load(path, map_location="cpu", weights_only=True), []
             except pickle.UnpicklingError:
-                obj, skipped = _read_zip(path, archive)       # other objects beside the tensors
+                obj, skipped = _read_zip(path, archive, prefix, data)       # other objects beside the tensors
             except Exception as e:
                 text = str(e)
                 if "weights_only" not in text and "Unsupported global" not in text:
                     raise LLTError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                                    f"{text.splitlines()[0][:160] if text else ''})") from None
-                obj, skipped = _read_zip(path, archive)
+                obj, skipped = _read_zip(path, archive, prefix, data)
     _check_tensors(obj, path)
     return obj, skipped

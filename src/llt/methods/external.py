@@ -132,7 +132,7 @@ def _retrain(rd: RunDir, weights: str, mask_src: str, task: int, cfg: RunConfig,
                     raise LLTError(f"task {task} needs a teacher for lottery teaching: --teacher FILE, an llt run "
                                    f"directory as --mask, or --set teaching.enabled=false")
         except LLTError as e:
-            if rd.stage_done(f"task{task}") or any(rd.path.glob("stages/*.done")):
+            if any(rd.path.glob("stages/*.done")):              # something finished: keep the directory
                 raise
             raise _SetupError(str(e)) from None
 
