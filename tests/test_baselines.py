@@ -302,3 +302,124 @@ def test_ce_scope_defaults_to_local_for_lwf_and_ewc_and_is_refused_where_batches
     for method in ("replay", "icarl", "joint"):
         with pytest.raises(LLTError, match="baseline.ce_scope"):
             load_config("demo", [f"run.method={method}", "baseline.ce_scope=local"])
+
+
+def budget_of(rd) -> list[dict]:
+    return json.loads((rd / "summary.json").read_text())["budget"]
+
+
+def test_every_method_takes_the_same_sgd_steps_per_epoch_for_one_config(tmp_path):
+    """Issue 18, item 2: the lottery loop's budget (one pass over the task's data and the memory, batch_size on task
+    1, batch_size // 4 after) is every method's: dense CIL, Top-Down, every baseline and both replay recipes."""
+    steps = {}
+    for name, extra in (("cil", ()), ("td", ("--set", "prune.td_rounds=[1,0,1]")), ("finetune", ()), ("joint", ()),
+                        ("replay-balanced", ("--set", "baseline.replay_batching=balanced")),
+                        ("replay-concat", ("--set", "baseline.replay_batching=concat")),
+                        ("lwf", ()), ("ewc", ()), ("icarl", ())):
+        out = tmp_path / name
+        assert run(out, name.split("-")[0], *extra, "--set", "teaching.enabled=false") == 0
+        [rd] = list(out.iterdir())
+        steps[name] = [b["steps_per_epoch"] for b in budget_of(rd)]
+        stream = stream_of(rd)
+    sizes = [stream[f"task{t + 1}.train_idx"].numel() for t in range(3)]
+    expect = [-(-sizes[0] // 32), -(-(sizes[1] + 10) // 8), -(-(sizes[2] + 20) // 8)]
+    assert all(v == expect for v in steps.values()), (expect, steps)
+
+
+def test_balanced_replay_puts_a_memory_batch_beside_every_new_batch_and_counts_it(tmp_path, monkeypatch):
+    """Issue 18, item 8: with replay_batching=balanced each step of tasks >= 2 holds batch_size // 4 new images
+    and beside them memory images (old classes only); concat draws one pass over data + memory per epoch."""
+    batches = []
+    real = Trainer.recipe_loss
+
+    def recipe_loss(self, k, x, y, old, r):
+        batches.append((k, y.clone()))
+        return real(self, k, x, y, old, r)
+
+    monkeypatch.setattr(Trainer, "recipe_loss", recipe_loss)
+    assert run(tmp_path / "b", "replay", "--set", "baseline.replay_batching=balanced") == 0
+    [rd] = list((tmp_path / "b").iterdir())
+    budget = budget_of(rd)
+    for t in (1, 2):
+        ys = [y for k, y in batches if k == t]
+        assert len(ys) == budget[t]["steps"] and all(int((y < 2 * t).sum()) == 8 for y in ys)   # 8 memory images
+        assert all(0 < int((y >= 2 * t).sum()) <= 8 for y in ys)                                 # beside <= 8 new
+        assert budget[t]["memory_images"] == 8 * len(ys)
+        assert budget[t]["new_images"] == sum(int((y >= 2 * t).sum()) for y in ys)
+    batches.clear()
+    assert run(tmp_path / "c", "replay", "--set", "baseline.replay_batching=concat") == 0
+    [rd] = list((tmp_path / "c").iterdir())
+    for t, b in enumerate(budget_of(rd)):
+        assert b["memory_images"] == 10 * t * b["epochs"]      # the memory once per epoch (5 per class)
+
+
+def test_train_select_last_keeps_the_last_epoch(tmp_path):
+    assert run(tmp_path, "finetune", "--set", "train.select=last", "--set", "train.epochs=3") == 0
+    [rd] = list(tmp_path.iterdir())
+    records = [json.loads(line) for line in (rd / "records.jsonl").read_text().splitlines()]
+    tasks = [r for r in records if r.get("event") == "task"]
+    assert len(tasks) == 3 and all(r["best_epoch"] == 3 for r in tasks)
+    state, _ = load_checkpoint(rd / "checkpoints/task3.pt")
+    assert state        # the kept model is the last epoch's; its test row is what the summary reports
+
+
+def per_image_fisher_loop(model, images, labels, heads, norm, names):
+    """The definition, one image at a time with autograd."""
+    model.eval()
+    params = dict(model.named_parameters())
+    out = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(images.shape[0]):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(norm(images[i:i + 1]), heads, "main"), labels[i:i + 1]).backward()
+        for n in names:
+            out[n] += params[n].grad ** 2
+    return {n: v / images.shape[0] for n, v in out.items()}
+
+
+def test_ewc_fisher_is_the_mean_of_per_image_squared_gradients_whatever_the_batch():
+    """Issue 18, item 4: equal to a per-image loop to 1e-5 relative, and the same computed 1, 32 or 256 images at
+    a time; backbone only by default."""
+    from llt.methods.ewc import empirical_fisher, penalised_names
+
+    model = build_model(2, 2, width=4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    norm = Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")
+    names = penalised_names(model, heads=False)
+    assert names and not any(n.startswith("heads_") for n in names)
+    assert set(penalised_names(model, heads=True)) - set(names) == {n for n, _ in model.named_parameters()
+                                                                     if n.startswith("heads_")}
+    expect = per_image_fisher_loop(model, images, labels, 2, norm, names)
+    per_image_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if n in names)
+    for batch in (1, 32, 256):
+        got = empirical_fisher(model, images, labels, 2, norm, names, chunk_bytes=batch * per_image_bytes)
+        assert set(got) == set(names)
+        for n in names:
+            scale = float(expect[n].abs().max()) or 1.0
+            assert float((got[n] - expect[n]).abs().max()) <= 1e-5 * scale, (batch, n)
+    assert any(float(v.sum()) > 0 for v in expect.values())
+
+
+def test_ewc_accumulates_its_fisher_as_facil_from_zero(tmp_path):
+    """F after task 1 = (1 - alpha) F_1, after task 2 = alpha F + (1 - alpha) F_2 (FACIL); the anchor and the
+    Fisher cover the backbone only."""
+    assert run(tmp_path, "ewc", "--set", "baseline.ewc_alpha=0.25") == 0
+    [rd] = list(tmp_path.iterdir())
+    f1, _ = load_checkpoint(rd / "checkpoints/task1-fisher.pt")
+    f2, _ = load_checkpoint(rd / "checkpoints/task2-fisher.pt")
+    anchor, _ = load_checkpoint(rd / "checkpoints/task1-anchor.pt")
+    assert set(f1) == set(anchor) and not any(n.startswith("heads_") for n in f1)
+    from llt.context import load_model_state, open_run, prepare
+    from llt.methods.ewc import empirical_fisher
+
+    cfg, rdir = open_run(str(rd))
+    ctx = prepare(cfg, None, rd=rdir, need_pool=False)
+    model = ctx.new_model()
+    for t, fisher in ((1, f1), (2, f2)):
+        load_model_state(model, load_checkpoint(rd / f"checkpoints/task{t}.pt")[0], f"task {t}")
+        idx = ctx.stream.tasks[t - 1].train_idx
+        ft = empirical_fisher(model, ctx.train_images[idx], ctx.train_labels[idx], t, ctx.normalizer, list(f1))
+        for n in f1:
+            expect = 0.75 * ft[n] + (0.25 * f1[n] if t == 2 else 0)
+            assert torch.allclose(fisher[n], expect, rtol=1e-4, atol=1e-7), (t, n)

@@ -148,7 +148,7 @@ def test_bad_inputs_for_retrain_and_eval(grown, tmp_path, capsys):
     s = json.loads((other / "summary.json").read_text())
     (other / "summary.json").write_text(json.dumps({**s, "method": "cil"}))
     assert main(["retrain", str(other)]) == 2
-    assert "is a finished run of method 'cil', not a ticket run ('bu' or 'td'" in capsys.readouterr().err
+    assert "is a finished run of method 'cil', not a ticket run ('td' or 'bu'" in capsys.readouterr().err
     assert main(["retrain", str(other), "--mask", "random"]) == 2
     assert "not a ticket run" in capsys.readouterr().err
     # growing masks claimed to be a Top-Down run's: Top-Down tickets must shrink

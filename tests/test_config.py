@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from llt.config import RunConfig, available_presets, from_tree, load_config, to_tree
+from llt.config import RunConfig, from_tree, load_config, to_tree
+from llt.presets import available_presets
 from llt.errors import LLTError
 
 REQUIRED = {"demo", "paper-cifar10-cil", "paper-cifar10-td", "paper-cifar10-bu", "paper-cifar100-cil",
@@ -101,7 +102,7 @@ def test_defaults_are_the_papers():
 def test_configuration_doc_matches_the_code():
     from pathlib import Path
 
-    from llt.config import fields_markdown
+    from llt.configdoc import fields_markdown
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     assert doc.endswith(fields_markdown()), "regenerate with: llt show-config --fields --markdown"

@@ -49,7 +49,11 @@ def test_run_writes_every_artifact(finished):
         assert meta["num_exemplars"] == 5 * 2 * t
     assert not (rd / "teaching/task3.pt").exists()
     events = [json.loads(line)["event"] for line in (rd / "records.jsonl").read_text().splitlines()]
-    assert events == ["task", "teaching", "task", "teaching", "task"]
+    assert events == ["training", "task", "teaching", "training", "task", "teaching", "training", "task"]
+    budget = summary["budget"]               # one training per task, one pass over data + memory per epoch
+    assert [b["trainings"] for b in budget] == [1, 1, 1] and all(b["steps"] == b["epochs"] * b["steps_per_epoch"]
+                                                                for b in budget)
+    assert budget[0]["unlabeled_images"] == 0 and budget[1]["unlabeled_images"] > 0
 
 
 def test_rerun_skips_finished_stages(finished, capsys):

@@ -103,3 +103,32 @@ def test_list_shows_state_and_final_sa(runs, capsys):
     assert rows["zz-unfinished"]["state"] == "interrupted after teach1" and rows["zz-unfinished"]["final_sa"] is None
     assert main(["list", str(root)]) == 0
     assert "finished" in capsys.readouterr().out
+
+
+def test_report_shows_each_groups_optimisation_budget(tmp_path):
+    """Issue 18: the steps per epoch and the images per step are in report.md and comparison.csv (mean over
+    seeds); a summary written before budgets were recorded says so instead of inventing one."""
+    def budget(steps, new, memory):
+        return [{"trainings": 1, "epochs": 2, "steps": steps[t], "steps_per_epoch": steps[t] // 2,
+                 "new_images": new[t], "memory_images": memory[t], "unlabeled_images": 0} for t in range(2)]
+
+    dirs = []
+    for seed, new in ((0, 40), (1, 60)):
+        rd = RunDir.create(tmp_path, f"replay-s{seed}")
+        cfg = RunConfig()
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, method="replay", seed=seed))
+        rd.write_json("manifest.json", {"config": to_tree(cfg)})
+        rd.write_json("summary.json", build_summary("replay", "cifar10", seed, [[90.0], [60.0, 70.0]], [1.0, 1.0],
+                                                    budget=budget([8, 20], [64, new], [0, 80])))
+        dirs.append(rd.path)
+    old = make_run(tmp_path, "cil-s0", "cil", 0, [[95.0], [85.0, 81.0]], [100.0, 100.0])
+    out = tmp_path / "report"
+    assert main(["report", *map(str, dirs), str(old), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Optimisation budget" in md
+    assert "| 4 10 | 28 | 2.5 / 4.0 / 0.0 |" in md          # (40/20 + 60/20) / 2 new, 80/20 memory per step
+    assert "n/a (not recorded)" in md
+    rows = {r["group"].split(" ")[0]: r for r in csv.DictReader(open(out / "comparison.csv"))}
+    assert rows["Replay"]["steps_per_epoch"] == "4 10" and float(rows["Replay"]["sgd_steps_mean"]) == 28.0
+    assert rows["Dense"]["steps_per_epoch"] == ""
+

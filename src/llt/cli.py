@@ -11,7 +11,8 @@ import threading
 import time
 
 from llt import __version__
-from llt.config import describe_fields, dump_yaml, load_config
+from llt.config import dump_yaml, load_config
+from llt.configdoc import describe_fields
 from llt.errors import LLTError
 from llt.runtime import tune_allocator
 
@@ -163,13 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_show_config(args) -> int:
-    from llt.config import available_presets
+    from llt.presets import available_presets
 
     if args.list:
         print("\n".join(available_presets()))
         return 0
     if args.fields:
-        from llt.config import fields_markdown
+        from llt.configdoc import fields_markdown
 
         print(fields_markdown() if args.markdown else describe_fields(), end="\n" if not args.markdown else "")
         return 0

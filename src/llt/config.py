@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from llt.errors import LLTError
+from llt.registry import RUN_METHODS, check_config
+from llt.presets import load_preset_tree
 
 
 def _f(default, help: str, choices: tuple[str, ...] | None = None):
@@ -32,8 +32,6 @@ def _f(default, help: str, choices: tuple[str, ...] | None = None):
 
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "array")
-METHODS = ("stream", "cil", "td", "bu", "finetune", "joint", "replay", "lwf", "ewc", "icarl")
-BASELINES = ("finetune", "joint", "replay", "lwf", "ewc", "icarl")
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class RunSection:
                      "'cil' dense class-incremental learning with lottery teaching; 'td' Top-Down; 'bu' Bottom-Up "
                      "ticket search; the class-incremental baselines 'finetune', 'joint', 'replay', 'lwf', 'ewc', "
                      "'icarl' (docs/baselines.md)",
-                     METHODS)
+                     RUN_METHODS)
     seed: int = _f(0, "run seed: data split, exemplars, augmentation and initialisation derive from it (0 is a valid seed)")
     out_dir: str = _f("runs", "folder that holds run directories")
     name: str = _f("", "readable run name (slug); empty: derived from preset, method, dataset and seed")
@@ -102,6 +100,9 @@ class TrainSection:
     precision: str = _f("auto", "auto: bf16 autocast + channels-last on CUDA and on CPUs with native bf16 (AMX-BF16, "
                         "AVX512-BF16), float32 elsewhere; fp32: float32 (NCHW on the CPU), for bit-exact comparisons",
                         ("auto", "bf16", "fp32"))
+    select: str = _f("best", "which epoch a training keeps: 'best' by validation accuracy (the seen classes' "
+                     "validation images; the current task's only for methods without old data), or 'last'",
+                     ("best", "last"))
     compile: bool = _f(True, "torch.compile forward, loss and backward on CUDA (ignored on CPU, where compiling costs more than it saves)")
 
 
@@ -140,14 +141,19 @@ class BaselineSection:
     lwf_lambda: float = _f(1.0, "lwf: weight of the distillation term (Li & Hoiem 2016 use lambda_o = 1)")
     lwf_temperature: float = _f(2.0, "lwf: distillation temperature T (the soft cross-entropy is not scaled by "
                                 "T^2, as in FACIL; Li & Hoiem 2016 use T = 2)")
-    ewc_lambda: float = _f(5000.0, "ewc: penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 "
-                           "(5000: the FACIL survey's default for this network size)")
-    ewc_alpha: float = _f(0.5, "ewc: Fisher accumulation over tasks, F <- alpha F_old + (1 - alpha) F_task (FACIL's "
-                          "default 0.5); 0 keeps only the newest task's Fisher")
+    ewc_lambda: float = _f(100.0, "ewc: penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 over "
+                           "llt's per-image Fisher (FACIL's 5000 is for its batch form, 5-15x smaller; docs/baselines.md)")
+    ewc_alpha: float = _f(0.5, "ewc: Fisher accumulation over tasks from F = 0, F <- alpha F + (1 - alpha) F_task "
+                          "(FACIL's rule and default); 0 keeps only the newest task's Fisher")
     icarl_temperature: float = _f(1.0, "icarl: temperature of the old model's sigmoid targets (Rebuffi et al. 2017: 1)")
     ce_scope: str = _f("auto", "cross-entropy of finetune, lwf and ewc over 'local': the current task's classes "
                        "(FACIL, PyCIL), or 'global': every seen class; 'auto': local for lwf and ewc, global for "
                        "finetune", ("auto", "local", "global"))
+    replay_batching: str = _f("auto", "replay and icarl: 'concat' shuffles the memory into the task's data (FACIL, "
+                              "PyCIL, iCaRL); 'balanced' puts a batch of memory images beside every batch of new "
+                              "images (Avalanche's replay, Mammoth's ER); 'auto': balanced for replay, concat for "
+                              "icarl (docs/baselines.md)", ("auto", "concat", "balanced"))
+    ewc_heads: bool = _f(False, "ewc: include the heads in the Fisher and the penalty (FACIL: backbone only)")
     mask_from: str = _f("", "train under the tickets of a finished Top-Down or Bottom-Up run (its masks/task{t}.pt "
                         "for task t); empty: dense")
 
@@ -164,58 +170,6 @@ class RunConfig:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
-
-
-# ----------------------------------------------------------------------------------------------- presets
-
-def config_dir() -> Path:
-    """The presets folder: $LLT_CONFIG_DIR, else `configs/` at the root of the source tree."""
-    env = os.environ.get("LLT_CONFIG_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "configs"
-
-
-def available_presets() -> list[str]:
-    d = config_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
-
-
-def _preset_path(preset: str) -> Path:
-    if preset.endswith((".yaml", ".yml")) or os.sep in preset:
-        path = Path(preset)
-        if not path.is_file():
-            raise LLTError(f"preset file {preset} does not exist")
-        return path
-    path = config_dir() / f"{preset}.yaml"
-    if not path.is_file():
-        names = available_presets()
-        close = difflib.get_close_matches(preset, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise LLTError(f"unknown preset {preset!r}{hint}; available: {', '.join(names) or 'none found in ' + str(config_dir())}")
-    return path
-
-
-def _load_preset_tree(preset: str, seen: tuple[str, ...] = ()) -> dict:
-    path = _preset_path(preset)
-    if str(path) in seen:
-        raise LLTError(f"preset {path} extends itself (cycle: {' -> '.join(seen)})")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise LLTError(f"preset {path} is not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise LLTError(f"preset {path} must be a mapping of sections")
-    base = tree.pop("extends", None)
-    if base is None:
-        return tree
-    merged = _load_preset_tree(str(base), seen + (str(path),))
-    for section, values in tree.items():
-        if isinstance(values, dict) and isinstance(merged.get(section), dict):
-            merged[section] = {**merged[section], **values}
-        else:
-            merged[section] = values
-    return merged
 
 
 # ------------------------------------------------------------------------------------ typed assignment
@@ -323,7 +277,7 @@ def from_tree(tree: dict, origin: str = "config") -> RunConfig:
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Resolve defaults <- preset (with `extends`) <- overrides, then validate."""
-    cfg = from_tree(_load_preset_tree(preset), origin=f"preset {preset}") if preset else RunConfig()
+    cfg = from_tree(load_preset_tree(preset), origin=f"preset {preset}") if preset else RunConfig()
     for text in overrides:
         key, value = parse_override(text)
         cfg = _assign(cfg, key, value)
@@ -342,35 +296,6 @@ def to_tree(cfg: RunConfig) -> dict:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_tree(cfg), sort_keys=False, default_flow_style=False)
-
-
-def fields_markdown() -> str:
-    """The field tables of docs/configuration.md (generated from the dataclasses; a test keeps them equal)."""
-    lines = []
-    for s in SECTIONS:
-        cls = type(getattr(RunConfig(), s))
-        hints = typing.get_type_hints(cls)
-        lines += [f"### `{s}`", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for f in dataclasses.fields(cls):
-            ch = f.metadata.get("choices")
-            meaning = f.metadata["help"] + (f" (one of: {', '.join(ch)})" if ch else "")
-            lines.append(f"| `{s}.{f.name}` | {_type_name(hints[f.name])} | `{f.default!r}` | {meaning.replace('|', '/')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def describe_fields() -> str:
-    """One line per field: key, type, default and help text."""
-    hints_cache = {}
-    lines = []
-    for s in SECTIONS:
-        cls = type(getattr(RunConfig(), s))
-        hints_cache[s] = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            choices = f.metadata.get("choices")
-            extra = f" [{'|'.join(choices)}]" if choices else ""
-            lines.append(f"{s}.{f.name} ({_type_name(hints_cache[s][f.name])}, default {f.default!r}){extra}: {f.metadata['help']}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -438,14 +363,8 @@ def validate(cfg: RunConfig) -> None:
     _need(b.ewc_lambda >= 0, "baseline.ewc_lambda", f"must be non-negative, got {b.ewc_lambda}")
     _need(0 <= b.ewc_alpha < 1, "baseline.ewc_alpha", f"must be in [0, 1), got {b.ewc_alpha}")
     _need(b.icarl_temperature > 0, "baseline.icarl_temperature", f"must be positive, got {b.icarl_temperature}")
-    if cfg.run.method in ("replay", "icarl"):
-        _need(d.exemplars_per_class >= 1, "data.exemplars_per_class",
-              f"run.method={cfg.run.method} replays an exemplar memory: needs at least 1 exemplar per class, got "
-              f"{d.exemplars_per_class}")
-    _need(b.ce_scope != "local" or cfg.run.method in ("finetune", "lwf", "ewc"), "baseline.ce_scope",
-          f"local applies to finetune, lwf and ewc (no old data in their batches), not to run.method={cfg.run.method}")
-    _need(not b.mask_from or cfg.run.method in BASELINES, "baseline.mask_from",
-          f"applies to the baselines ({', '.join(BASELINES)}), not to run.method={cfg.run.method}")
+    for key, msg in check_config(cfg):
+        raise LLTError(f"{key}: {msg}")
 
 
 def check_task_split(num_classes: int, classes_per_task: int, num_tasks: int) -> int:

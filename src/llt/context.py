@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llt.config import BASELINES, RunConfig, from_tree
+from llt.config import RunConfig, from_tree
+from llt.registry import BASELINES
 from llt.data.augment import Normalizer
 from llt.data.dataset import ImageDataset
 from llt.data.sources import load_dataset, load_pool
@@ -39,6 +40,7 @@ class Context:
     train_images: torch.Tensor   # uint8, on the device
     train_labels: torch.Tensor   # remapped, on the device
     test_images: torch.Tensor    # uint8, on the device
+    load_seconds: float = 0.0    # how long loading took (the driver sets it)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

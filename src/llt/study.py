@@ -43,7 +43,9 @@ from pathlib import Path
 
 import yaml
 
-from llt.config import available_presets, load_config, parse_override
+from llt.config import load_config, parse_override
+from llt.registry import TICKET_SEARCHES
+from llt.presets import available_presets
 from llt.errors import LLTError
 from llt.runs import run_name
 from llt.runtime import available_cpus
@@ -168,8 +170,9 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
             if (entry["from"], seed) not in ticket_runs:
                 raise LLTError(f"{where}: from {entry['from']!r} names no run of this spec")
             src, cfg = ticket_runs[(entry["from"], seed)]
-            if cfg.run.method not in ("td", "bu"):
-                raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run (td or bu)")
+            if cfg.run.method not in TICKET_SEARCHES:
+                raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run "
+                               f"({' or '.join(TICKET_SEARCHES)})")
             d = out / (f"{src.name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}"))
             args = ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
                     *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"]

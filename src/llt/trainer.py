@@ -14,10 +14,14 @@ running statistics updated once per original pass, in the original order (the un
 task-1 batch twice). Loss and gradients equal the five-pass step; tests/test_trainer.py checks it.
 
 Class-incremental baselines (llt.methods: finetune, joint, replay, lwf, ewc, icarl) train through the same
-loop with a `Recipe`: one batch stream per epoch (the task's data, plus the exemplar memory where the
-method replays it), and a loss made of the terms the method has: cross-entropy over the seen heads (or
-iCaRL's sigmoid binary cross-entropy), distillation of old logits from a frozen teacher (LwF, iCaRL), and
-a parameter penalty (EWC). Only the balanced (main) branch is trained and evaluated for them.
+loop with a `Recipe` and the same optimisation budget: as many SGD steps per epoch as the lottery loop takes
+(one pass over the task's data plus the memory, in batches of batch_size on task 1 and batch_size // 4
+after), each step drawing that many images of the method's own training set (the task's data; with
+`concat` replay the task's data and the memory shuffled together; with `balanced` replay as many memory
+images again beside them). The loss is made of the terms the method has: cross-entropy over the seen heads
+(or iCaRL's sigmoid binary cross-entropy), distillation of old logits from a frozen teacher (LwF, iCaRL),
+and a parameter penalty (EWC). Only the balanced (main) branch is trained and evaluated for them. Every
+epoch records its steps and the new, memory and unlabeled images they drew.
 
 The trainer knows nothing of tickets: the `mask` argument of `fit_task` (a Mask, checked against the
 model) is enforced by zeroing masked gradients before each step and masked weights after it. The learning
@@ -64,6 +68,7 @@ class TaskData:
     val_images: torch.Tensor | None = None  # images/labels val_idx refers to, when not the training images
     val_labels: torch.Tensor | None = None  # (the original's test-set decisions: prune.decision_split=test-compat)
     val_sizes: tuple[int, ...] = ()         # val_idx as consecutive per-task sets (for the per-task row); () one set
+    steps_per_epoch: int = 0                # baselines: SGD steps per epoch (the budget); 0: one pass over their data
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Schedule:
     weight_decay: float = 5e-4
     batch_size: int = 256
     temperature: float = 2.0
+    select: str = "best"            # the epoch a training keeps: "best" by validation accuracy, or "last"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,9 @@ class Recipe:
     ce_offset     "ce" over the logits from this index on, labels shifted by it: the current task's classes
                   only ("local" cross-entropy of FACIL and PyCIL) when it is the first class of the task; 0:
                   over every seen class
+    batching      with a memory: "concat" draws each batch from the task's data and the memory shuffled
+                  together; "balanced" draws a batch of the task's data and, beside it, as many memory images
+                  (uniformly over the memory, whose classes hold equal numbers of exemplars)
     """
 
     loss: str = "ce"
@@ -98,6 +107,7 @@ class Recipe:
     temperature: float = 2.0
     penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None
     ce_offset: int = 0
+    batching: str = "concat"
 
 
 def learning_rate(s: Schedule, epoch: int) -> float:
@@ -113,26 +123,41 @@ class TaskResult:
     best_val: float                 # percent
     last_state: dict
     best_row: list = field(default_factory=list)  # validation accuracy per set of data.val_sizes at the best epoch
-    history: list = field(default_factory=list)  # per epoch: loss, val, lr, seconds
+    history: list = field(default_factory=list)  # per epoch: loss, val, lr, seconds, steps, images
+
+    def budget(self) -> dict:
+        """What the training consumed: epochs, SGD steps (and per epoch) and the images its steps drew."""
+        h = self.history
+        images = {kind: sum(e.get("images", {}).get(kind, 0) for e in h) for kind in ("new", "memory", "unlabeled")}
+        steps = sum(e.get("steps", 0) for e in h)
+        return {"epochs": len(h), "steps": steps, "steps_per_epoch": h[0].get("steps", 0) if h else 0,
+                **{f"{kind}_images": v for kind, v in images.items()}}
 
 
 class Cycler:
     """Endless shuffled batches over an index set, restarted (and reshuffled) when it runs out.
 
     Like a shuffled DataLoader with drop_last=False that is re-created on exhaustion: the last batch of
-    each pass may be short.
+    each pass may be short. With `fill`, every batch is full: one that reaches the end of a pass continues
+    into the next, reshuffled one (balanced replay's memory batches).
     """
 
-    def __init__(self, indices: torch.Tensor, batch: int, generator: torch.Generator):
-        self.indices, self.batch, self.generator = indices, batch, generator
+    def __init__(self, indices: torch.Tensor, batch: int, generator: torch.Generator, fill: bool = False):
+        self.indices, self.batch, self.generator, self.fill = indices, batch, generator, fill
         self.order, self.pos = indices[:0], 0
 
-    def next(self) -> torch.Tensor:
+    def _take(self, n: int) -> torch.Tensor:
         if self.pos >= self.order.numel():
             perm = torch.randperm(self.indices.numel(), generator=self.generator, device=self.generator.device)
             self.order, self.pos = self.indices[perm.to(self.indices.device)], 0
-        out = self.order[self.pos:self.pos + self.batch]
-        self.pos += self.batch
+        out = self.order[self.pos:self.pos + n]
+        self.pos += out.numel()
+        return out
+
+    def next(self) -> torch.Tensor:
+        out = self._take(self.batch)
+        while self.fill and out.numel() < self.batch:
+            out = torch.cat([out, self._take(self.batch - out.numel())])
         return out
 
 
@@ -231,7 +256,7 @@ class Trainer:
         opt.step()
         self._apply_mask_to_weights()
 
-    def _epoch_first(self, opt, data: TaskData, s: Schedule) -> tuple[torch.Tensor, int]:
+    def _epoch_first(self, opt, data: TaskData, s: Schedule) -> tuple[torch.Tensor, int, dict]:
         total, steps = torch.zeros((), device=self.device), 0
         perm = torch.randperm(data.new_idx.numel(), generator=self.gen, device=self.gen.device).to(self.device)
         for i in range(0, perm.numel(), s.batch_size):
@@ -241,16 +266,33 @@ class Trainer:
             self._step(opt, loss)
             total += loss.detach()
             steps += 1
-        return total, steps
+        return total, steps, {"new": data.new_idx.numel()}
 
-    def _epoch_recipe(self, k: int, opt, data: TaskData, s: Schedule, r: Recipe) -> tuple[torch.Tensor, int]:
-        """One pass over the task's data plus the memory (empty for methods without one), in batches of
-        s.batch_size."""
-        union = torch.cat([data.new_idx, data.memory_idx])
-        perm = torch.randperm(union.numel(), generator=self.gen, device=self.gen.device).to(self.device)
-        total, steps = torch.zeros((), device=self.device), 0
-        for i in range(0, perm.numel(), s.batch_size):
-            idx = union[perm[i:i + s.batch_size]]
+    @staticmethod
+    def recipe_batch(k: int, s: Schedule) -> int:
+        """A baseline's batch of its own training images: batch_size on task 1, batch_size // 4 after (the
+        lottery loop's sub-batch)."""
+        return s.batch_size if k == 0 else s.batch_size // 4
+
+    @staticmethod
+    def recipe_union(data: TaskData, r: Recipe) -> torch.Tensor:
+        """The indices a baseline's main batch is drawn from: the task's data, with the memory under concat."""
+        return torch.cat([data.new_idx, data.memory_idx]) if r.batching == "concat" else data.new_idx
+
+    def _epoch_recipe(self, k: int, opt, data: TaskData, s: Schedule, r: Recipe, cyclers: dict,
+                      steps: int) -> tuple[torch.Tensor, int, dict]:
+        """`steps` SGD steps of a baseline (the budget: data.steps_per_epoch, else one pass over its data)."""
+        union, n_new = self.recipe_union(data, r), data.new_idx.numel()
+        total = torch.zeros((), device=self.device)
+        drawn, new, memory = 0, torch.zeros((), dtype=torch.int64, device=self.device), 0
+        for _ in range(steps):
+            pos = cyclers["train"].next()
+            idx = union[pos]
+            drawn += pos.numel()
+            new += (pos < n_new).sum()
+            if "memory" in cyclers:             # balanced replay: as many memory images beside them
+                m = data.memory_idx[cyclers["memory"].next()]
+                idx, memory = torch.cat([idx, m]), memory + m.numel()
             x = self.norm(crop_flip(data.images[idx], self.gen))
             old = None
             if data.teacher is not None and k > 0:
@@ -259,16 +301,18 @@ class Trainer:
             loss = self.recipe_loss(k, x, data.labels[idx], old, r)
             self._step(opt, loss)
             total += loss.detach()
-            steps += 1
-        return total, steps
+        new = int(new)
+        return total, steps, {"new": new, "memory": drawn - new + memory}
 
-    def _epoch_distill(self, k: int, opt, data: TaskData, s: Schedule, cyclers: dict) -> tuple[torch.Tensor, int]:
+    def _epoch_distill(self, k: int, opt, data: TaskData, s: Schedule, cyclers: dict) -> tuple[torch.Tensor, int, dict]:
         b = s.batch_size // 4
         coefs = balanced_coefficients(b, k)
         union = torch.cat([data.new_idx, data.memory_idx])
         perm = torch.randperm(union.numel(), generator=self.gen, device=self.gen.device).to(self.device)
         teach = data.teaching
         total, steps = torch.zeros((), device=self.device), 0
+        # the random sub-batches cover the task's data and the memory once; the balanced and unlabeled ones add
+        images = {"new": data.new_idx.numel(), "memory": data.memory_idx.numel(), "unlabeled": 0}
         for i in range(0, perm.numel(), b):
             r_idx = union[perm[i:i + b]]
             n_idx = cyclers["new"].next()
@@ -281,13 +325,16 @@ class Trainer:
                 parts.append(teach.images[u_idx])          # frozen augmentation: used as stored
                 t_main, t_aux = teach.logits_main[u_idx], teach.logits_aux[u_idx]
             sizes = (r_idx.numel(), n_idx.numel(), o_idx.numel(), parts[1].shape[0] if teach is not None else 0)
+            images["new"] += sizes[1]
+            images["memory"] += sizes[2]
+            images["unlabeled"] += sizes[3]
             x = self.norm(torch.cat(parts))
             loss = self._distill_loss(k, x, sizes, data.labels[r_idx], data.labels[n_idx], data.labels[o_idx],
                                      t_main, t_aux, coefs, s.temperature)
             self._step(opt, loss)
             total += loss.detach()
             steps += 1
-        return total, steps
+        return total, steps, images
 
     def validate(self, data: TaskData, num_heads: int) -> dict:
         """Accuracy on data.val_idx over heads 1..num_heads, what selects the best epoch: {"overall": percent,
@@ -302,7 +349,8 @@ class Trainer:
     def fit_task(self, k: int, data: TaskData, s: Schedule, generator: torch.Generator, mask: Mask | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, checkpoint: EpochCheckpoint | None = None,
                  resume: dict | None = None, recipe: Recipe | None = None) -> TaskResult:
-        """Train task k (0-based) for s.epochs; keep the state with the best validation accuracy.
+        """Train task k (0-based) for s.epochs; keep the state with the best validation accuracy (the first
+        such epoch), or with s.select="last" the last epoch's.
 
         `recipe` (None: the original's losses, METHOD 3.1/3.2) selects a baseline's loss terms and batch mix.
         `mask` (None: dense) must cover exactly the model's conv weights (LLTError otherwise); its pruned
@@ -331,6 +379,15 @@ class Trainer:
                                         s.batch_size // 4, self.gen)
             else:
                 data = dataclasses.replace(data, teaching=None)
+        recipe_steps = 0
+        if recipe is not None:
+            batch = self.recipe_batch(k, s)
+            union = self.recipe_union(data, recipe)
+            cyclers["train"] = Cycler(torch.arange(union.numel(), device=self.device), batch, self.gen)
+            if recipe.batching == "balanced" and data.memory_idx.numel():
+                cyclers["memory"] = Cycler(torch.arange(data.memory_idx.numel(), device=self.device), batch, self.gen,
+                                           fill=True)
+            recipe_steps = data.steps_per_epoch or -(-union.numel() // batch)
         best_val, best_epoch, best_state, best_row, history = -1.0, 0, None, [], []
         first = 1
         if resume is not None:
@@ -342,11 +399,11 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             if recipe is not None:
-                total, steps = self._epoch_recipe(k, opt, data, s, recipe)
+                total, steps, images = self._epoch_recipe(k, opt, data, s, recipe, cyclers, recipe_steps)
             elif k == 0:
-                total, steps = self._epoch_first(opt, data, s)
+                total, steps, images = self._epoch_first(opt, data, s)
             else:
-                total, steps = self._epoch_distill(k, opt, data, s, cyclers)
+                total, steps, images = self._epoch_distill(k, opt, data, s, cyclers)
             loss = float(total) / max(steps, 1)      # one host sync per epoch
             t_train = time.perf_counter() - t0
             if not math.isfinite(loss):
@@ -354,12 +411,13 @@ class Trainer:
                                     f"(the checkpoints of finished tasks are kept)")
             ev = self.validate(data, k + 1)
             val = ev["overall"]
-            if val > best_val:
+            if val > best_val or s.select == "last":
                 best_val, best_epoch, best_state, best_row = val, epoch, clone_state(model), ev["row"]
             seconds = time.perf_counter() - t0
             stats = {"epoch": epoch, "loss": loss, "val": val, "lr": lr, "seconds": seconds, "steps": steps,
                      "train_seconds": t_train, "val_seconds": seconds - t_train,
-                     "best_val": best_val, "best_epoch": best_epoch, "val_row": ev["row"]}
+                     "best_val": best_val, "best_epoch": best_epoch, "val_row": ev["row"],
+                     "images": {"new": 0, "memory": 0, "unlabeled": 0, **images}}
             history.append(stats)
             if checkpoint is not None and checkpoint.due(epoch, s.epochs):
                 t1 = time.perf_counter()

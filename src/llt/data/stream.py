@@ -122,6 +122,13 @@ class Stream:
         parts = [self.exemplars[lab] for task in self.tasks[:t] for lab in task.labels if lab in self.exemplars]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
+    def memory_size(self, t: int) -> int:
+        """How many exemplars the memory holds while learning task t (with herding too, before they are chosen)."""
+        if self.exemplar_selection == "random":
+            return int(self.memory(t).numel())
+        return sum(min(self.exemplars_per_class, int((self.train_labels[task.train_idx] == lab).sum()))
+                   for task in self.tasks[:t] for lab in task.labels)
+
     def val_seen(self, t: int) -> torch.Tensor:
         """Validation indices of every class seen after task t (model selection uses these)."""
         return torch.cat([task.val_idx for task in self.tasks[: t + 1]])

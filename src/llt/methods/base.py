@@ -29,7 +29,7 @@ from llt.data.stream import derive_seed, herding_exemplars
 from llt.errors import LLTError
 from llt.evaluation import accuracy
 from llt.pruning.mask import Mask
-from llt.runs import RunDir, build_summary, check_summary
+from llt.runs import RunDir, build_summary, check_summary, read_records
 from llt.storage import load_checkpoint, save_checkpoint
 from llt.teaching import TeachingSet, build_teaching_set, extract_features
 from llt.trainer import Recipe, Schedule, TaskData, TaskResult, Trainer
@@ -124,7 +124,15 @@ class Engine:
         return Schedule(epochs=t.epochs if epochs is None else epochs, lr=t.lr if lr is None else lr,
                         milestones=t.milestones if milestones is None else milestones, gamma=t.gamma,
                         momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size,
-                        temperature=self.cfg.teaching.temperature)
+                        temperature=self.cfg.teaching.temperature, select=t.select)
+
+    def steps_per_epoch(self, t: int, batch_size: int) -> int:
+        """The optimisation budget of an epoch of task t (0-based), the same for every method of one config:
+        what the lottery loop takes, one pass over the task's training images and the memory's in batches
+        of batch_size (task 1, no memory) or batch_size // 4 (later tasks)."""
+        stream = self.ctx.stream
+        n = stream.tasks[t].train_idx.numel() + stream.memory_size(t)
+        return -(-n // (batch_size if t == 0 else batch_size // 4))
 
     def initial_state(self) -> dict:
         """theta_0, the run's initialisation (stage init); loaded into the model."""
@@ -204,7 +212,8 @@ class Engine:
                         new_idx=(task.train_idx if new_idx is None else new_idx).to(ctx.device),
                         memory_idx=mem.to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
                         teaching=teaching, teacher=teacher,
-                        val_sizes=tuple(x.val_idx.numel() for x in ctx.stream.tasks[: t + 1]))
+                        val_sizes=tuple(x.val_idx.numel() for x in ctx.stream.tasks[: t + 1]),
+                        steps_per_epoch=self.steps_per_epoch(t, schedule.batch_size) if recipe is not None else 0)
         if select_on == "val-current":        # memoryless baselines: the current task's validation images only
             data.val_idx, data.val_sizes = task.val_idx.to(ctx.device), (task.val_idx.numel(),)
         elif select_on == "test":
@@ -216,8 +225,11 @@ class Engine:
         resume = self._resume(ckpt, desc, schedule)
         self.progress.start(desc, schedule.epochs, done=0 if resume is None else resume["meta"]["epoch"])
         try:
-            return self.trainer.fit_task(t, data, schedule, gen, mask=mask, on_epoch=self.progress.update,
-                                         checkpoint=ckpt, resume=resume, recipe=recipe)
+            result = self.trainer.fit_task(t, data, schedule, gen, mask=mask, on_epoch=self.progress.update,
+                                           checkpoint=ckpt, resume=resume, recipe=recipe)
+            # one record per training (a training repeated after a crash: the last record of its key counts)
+            self.rd.record("training", key=seed_tag.removeprefix("augment/"), task=t + 1, **result.budget())
+            return result
         finally:
             self.progress.close()
             if ckpt is not None:   # stopped by Ctrl-C or SIGTERM: the last finished epoch is saved first
@@ -235,7 +247,8 @@ class Engine:
                     "select_on": select_on, "mask": fingerprint_mask(None if mask is None else mask.masks),
                     "memory": fingerprint_tensor(data.memory_idx), "new": fingerprint_tensor(data.new_idx),
                     "recipe": None if recipe is None else [recipe.loss, recipe.distill, recipe.temperature,
-                                                           recipe.penalty is not None, recipe.ce_offset],
+                                                           recipe.penalty is not None, recipe.ce_offset,
+                                                           recipe.batching, data.steps_per_epoch],
                     "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
         return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
 
@@ -277,11 +290,30 @@ def load_teaching(path, device) -> TeachingSet:
     return to_teaching_set(load_checkpoint(path)[0], device)
 
 
+def training_budget(rd: RunDir, num_tasks: int) -> list[dict]:
+    """Per task, what its trainings consumed (from the run's "training" records; a training repeated after a
+    crash counts once, by its last record): trainings, epochs, SGD steps, steps per epoch and the new, memory
+    and unlabeled images the steps drew."""
+    last = {r["key"]: r for r in read_records(rd.file("records.jsonl")) if r.get("event") == "training" and "key" in r}
+    keys = ("epochs", "steps", "new_images", "memory_images", "unlabeled_images")
+    out = [{"trainings": 0, "steps_per_epoch": 0, **dict.fromkeys(keys, 0)} for _ in range(num_tasks)]
+    for r in last.values():
+        if isinstance(r.get("task"), int) and 1 <= r["task"] <= num_tasks:
+            b = out[r["task"] - 1]
+            b["trainings"] += 1
+            b["steps_per_epoch"] = max(b["steps_per_epoch"], int(r.get("steps_per_epoch", 0)))
+            for k in keys:
+                b[k] += int(r.get(k, 0))
+    return out
+
+
 def finish(ctx: Context, R: list, densities: list[float], method: str | None = None, **extra) -> dict:
-    """Write summary.json and print the accuracy matrix with SA, forgetting and remaining weights."""
+    """Write summary.json (with the training budget per task) and print the accuracy matrix with SA,
+    forgetting and remaining weights."""
     cfg, rd = ctx.cfg, ctx.rd
     summary = build_summary(method or cfg.run.method, ctx.ds.name, cfg.run.seed, R, densities,
-                            dataset_status=ctx.ds.provenance.get("status"), **extra)
+                            dataset_status=ctx.ds.provenance.get("status"),
+                            budget=training_budget(rd, len(R)), **extra)
     rd.write_json("summary.json", summary)
     print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
     print(f"final SA {summary['final_sa']:.2f} | forgetting {summary['final_forgetting'] or 0:.2f} | "

@@ -16,22 +16,11 @@ from llt.console import format_comparison, format_stream_table
 from llt.context import Context, check_format, load_model_state, open_run, prepare, resolve_device
 from llt.errors import LLTError
 from llt.evaluation import accuracy
-from llt.methods.bottomup import run_bottomup
-from llt.methods.dense import run_dense
-from llt.methods.ewc import EWC
-from llt.methods.finetune import Finetune
-from llt.methods.icarl import ICaRL
-from llt.methods.incremental import run_baseline
-from llt.methods.joint import Joint
-from llt.methods.lwf import LwF
-from llt.methods.replay import Replay
+from llt.registry import REGISTRY, TICKET_SEARCHES
 from llt.methods.retrain import run_retrain
-from llt.methods.topdown import run_topdown
 from llt.models import remaining_weights
 from llt.runs import RunDir, ensure_writable, run_name
 from llt.storage import load_checkpoint
-
-BASELINES = {"finetune": Finetune, "joint": Joint, "replay": Replay, "lwf": LwF, "ewc": EWC, "icarl": ICaRL}
 
 
 def run(cfg: RunConfig, preset: str | None = None, progress: str = "auto", rd: RunDir | None = None) -> int:
@@ -99,30 +88,29 @@ def _run_method(ctx: Context, t0: float, progress: str) -> None:
     print(f"{ds.name}: {ds.info()['num_train']} train / {ds.info()['num_test']} test images of shape "
           f"{list(ds.image_shape)}, {stream.num_tasks} tasks x {stream.classes_per_task} classes, "
           f"class order {list(stream.class_order)}, seed {cfg.run.seed}, device {ctx.device} (loaded in {load_s:.2f} s)")
-    if cfg.run.method == "stream":
-        rows = stream.describe(ds.class_names)
-        if ctx.rd.stage_done("stream"):
-            print("stream: already built (stage marker present), skipping")
-        else:
-            ctx.rd.record("stream", tasks=rows, load_seconds=round(load_s, 3))
-            ctx.rd.mark_done("stream")
-        pool_info = {"pool": cfg.data.pool, "num_images": None if ctx.pool is None else int(ctx.pool.shape[0])}
-        print(format_stream_table(rows, pool_info))
-        if stream.exemplar_selection == "herding":
-            print(f"exemplars: herding, {stream.exemplars_per_class} per class, selected from teacher features once each "
-                  f"task is learned (the memory column counts only what is known before training)")
-    elif cfg.run.method == "td":
-        run_topdown(ctx, progress)
-    elif cfg.run.method == "bu":
-        bu = run_bottomup(ctx, progress)
-        if cfg.prune.retrain_after:
-            print("re-training the tickets from the original initialisation (TR-BU)")
-            tr = run_retrain(ctx.rd.path, "original", "ticket", progress=progress)
-            print(format_comparison(bu, tr))
-    elif cfg.run.method in BASELINES:
-        run_baseline(ctx, BASELINES[cfg.run.method], progress)
+    ctx.load_seconds = load_s
+    method = REGISTRY[cfg.run.method]
+    summary = method.runner()(ctx, progress)
+    if method.retrains and cfg.prune.retrain_after:
+        print("re-training the tickets from the original initialisation (TR-BU)")
+        tr = run_retrain(ctx.rd.path, "original", "ticket", progress=progress)
+        print(format_comparison(summary, tr))
+
+
+def describe_stream(ctx: Context, progress: str = "auto") -> None:
+    """run.method=stream: build the stream, record it and print its table (no training)."""
+    cfg, ds, stream = ctx.cfg, ctx.ds, ctx.stream
+    rows = stream.describe(ds.class_names)
+    if ctx.rd.stage_done("stream"):
+        print("stream: already built (stage marker present), skipping")
     else:
-        run_dense(ctx, progress)
+        ctx.rd.record("stream", tasks=rows, load_seconds=round(ctx.load_seconds, 3))
+        ctx.rd.mark_done("stream")
+    pool_info = {"pool": cfg.data.pool, "num_images": None if ctx.pool is None else int(ctx.pool.shape[0])}
+    print(format_stream_table(rows, pool_info))
+    if stream.exemplar_selection == "herding":
+        print(f"exemplars: herding, {stream.exemplars_per_class} per class, selected from teacher features once each "
+              f"task is learned (the memory column counts only what is known before training)")
 
 
 def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: str = "ticket") -> dict:
@@ -149,7 +137,7 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
     ev = accuracy(model, ctx.test_images, ctx.stream.test_labels, [x.test_idx for x in ctx.stream.tasks[:task]],
                   ctx.normalizer, ctx.eval_batch, ctx.autocast_dtype)
     sa = sum(ev["row"]) / len(ev["row"])
-    label = "dense reference" if which == "dense" else ("ticket" if cfg.run.method in ("td", "bu") else "model")
+    label = "dense reference" if which == "dense" else ("ticket" if cfg.run.method in TICKET_SEARCHES else "model")
     if cfg.run.method == "icarl":
         label += " (network output; the summary's matrix is iCaRL's nearest-mean-of-exemplars classifier)"
     print(f"task {task} {label}: test accuracy per task " + " ".join(f"T{i + 1} {v:.2f}" for i, v in enumerate(ev["row"]))

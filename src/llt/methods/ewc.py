@@ -1,19 +1,28 @@
-"""`ewc`: Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017), class-incremental, no memory.
+"""`ewc`: Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017), class-incremental, no memory, with the
+FACIL survey's recipe (Masana et al., TPAMI 2022: cross-entropy on the current task's classes, Fisher
+accumulation, lambda = 5000 at its scale; docs/baselines.md).
 
-After task t, the diagonal empirical Fisher information of the task's training data is computed at the
-best model theta*_t (eval mode, mean over the task's images of the squared gradient of the
-cross-entropy over the seen heads), and accumulated over tasks as in the FACIL survey:
+After task t, the diagonal empirical Fisher information of the task's training images is computed at the
+kept model theta*_t, in eval mode (BatchNorm statistics fixed), over the backbone's parameters (FACIL's
+scope; baseline.ewc_heads=true adds the heads):
 
-    F <- alpha * F + (1 - alpha) * F_t          (baseline.ewc_alpha, default 0.5; F = F_1 after task 1)
+    F_t,i = (1 / N) sum_n (d log p(y_n | x_n; theta) / d theta_i)^2        (true labels, the seen heads)
 
-Learning task t+1 adds the penalty (lambda = baseline.ewc_lambda, default 5000)
+the mean over images of per-image squared gradients, computed image by image in one vectorised pass
+(torch.func: vmap of grad), so it does not depend on any batch size. FACIL squares the gradient of a
+batch's mean loss instead (times the batch size), a quantity that shrinks as the batch grows; llt's is
+the definition it approximates. Accumulated over tasks as FACIL does, from F = 0:
+
+    F <- alpha * F + (1 - alpha) * F_t          (baseline.ewc_alpha, default 0.5: F = F_1 / 2 after task 1)
+
+Learning task t+1 adds the penalty (lambda = baseline.ewc_lambda)
 
     (lambda / 2) * sum_i F_i * (theta_i - theta*_t,i)^2
 
-over every parameter, to the cross-entropy on the new task's data. SGD follows that quadratic only while
+to the cross-entropy on the new task's data. SGD follows that quadratic only while
 lambda * max F < 2 (1 + momentum) / lr; a larger lambda makes the loss diverge, and llt warns after each
-task when it would (the Fisher's scale depends on the data and the network, so lambda needs tuning). The Fisher and the anchor are kept
-with each task's stage (checkpoints/task{t}-fisher.pt), so a resumed run continues with them.
+task when it would. The Fisher and the anchor are kept with each task's stage (checkpoints/task{t}-fisher.pt),
+so a resumed run continues with them.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llt.data.augment import Normalizer
-from llt.methods.incremental import Baseline
+from llt.methods.incremental import Incremental
 from llt.trainer import Recipe
 
 
@@ -48,26 +57,43 @@ class EWCPenalty:
 
 
 def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_heads: int,
-                     normalizer: Normalizer, batch_size: int) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher: the mean over images of the squared gradient of CE(model(x), y) over
-    heads 1..num_heads (batch gradients squared and weighted by batch size, as FACIL computes it), in eval
-    mode so BatchNorm statistics do not move."""
+                     normalizer: Normalizer, names: list[str] | None = None,
+                     chunk_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the parameters `names` (default: every trainable one): the mean over
+    images of the squared per-image gradient of CE(model(x), y) over heads 1..num_heads, in eval mode, in
+    float32. Per-image gradients come from torch.func (vmap of grad) in chunks of about `chunk_bytes`."""
+    from torch.func import functional_call, grad, vmap
+
     was = model.training
     model.eval()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    params = {n: p.detach().float() for n, p in model.named_parameters()
+              if p.requires_grad and (names is None or n in names)}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    buffers = dict(model.named_buffers())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    per_image = 4 * sum(p.numel() for p in params.values())
+    chunk = max(1, chunk_bytes // max(per_image, 1))
+
+    def loss(p, x, y):
+        z = functional_call(model, (p, frozen, buffers), (x[None], num_heads, "main"))
+        return F.cross_entropy(z.float(), y[None])
+
+    per_image_grad = vmap(grad(loss), in_dims=(None, 0, 0))
     try:
-        for i in range(0, images.shape[0], batch_size):
-            x, y = normalizer(images[i:i + batch_size]), labels[i:i + batch_size]
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x, num_heads, "main").float(), y).backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    fisher[n] += p.grad.detach().float() ** 2 * x.shape[0]
-        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for i in range(0, images.shape[0], chunk):
+                x = normalizer(images[i:i + chunk]).float().contiguous()
+                g = per_image_grad(params, x, labels[i:i + chunk])
+                for n in fisher:
+                    fisher[n] += g[n].pow(2).sum(0)
     finally:
         model.train(was)
     return {n: f / max(images.shape[0], 1) for n, f in fisher.items()}
+
+
+def penalised_names(model: torch.nn.Module, heads: bool) -> list[str]:
+    """The parameters EWC protects: the backbone's (FACIL), with `heads` the heads' too."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and (heads or not n.startswith("heads_"))]
 
 
 def check_stability(fisher: dict[str, torch.Tensor], lam: float, lr: float, momentum: float, t: int) -> bool:
@@ -83,8 +109,9 @@ def check_stability(fisher: dict[str, torch.Tensor], lam: float, lr: float, mome
     return True
 
 
-class EWC(Baseline):
+class EWC(Incremental):
     name = "ewc"
+    local_ce = True            # FACIL
     extra_states = ("fisher", "anchor")
 
     def __init__(self, eng):
@@ -101,14 +128,15 @@ class EWC(Baseline):
         return Recipe(penalty=penalty, ce_offset=self.ce_offset(t))
 
     def after_task(self, t: int) -> dict[str, dict]:
-        ctx, b = self.eng.ctx, self.cfg.baseline
+        ctx, b, model = self.eng.ctx, self.cfg.baseline, self.eng.model
         idx = ctx.stream.tasks[t].train_idx.to(ctx.device)
-        new = empirical_fisher(self.eng.model, ctx.train_images[idx], ctx.train_labels[idx], t + 1, ctx.normalizer,
-                               self.cfg.train.batch_size)
+        names = penalised_names(model, b.ewc_heads)
+        new = empirical_fisher(model, ctx.train_images[idx], ctx.train_labels[idx], t + 1, ctx.normalizer, names)
         new = {k: v.cpu() for k, v in new.items()}
-        self.fisher = new if self.fisher is None else {k: b.ewc_alpha * self.fisher[k] + (1 - b.ewc_alpha) * v
-                                                      for k, v in new.items()}
-        self.anchor = {n: p.detach().float().cpu().clone() for n, p in self.eng.model.named_parameters()}
+        old = self.fisher or {k: torch.zeros_like(v) for k, v in new.items()}     # FACIL starts from F = 0
+        self.fisher = {k: b.ewc_alpha * old[k] + (1 - b.ewc_alpha) * v for k, v in new.items()}
+        params = dict(model.named_parameters())
+        self.anchor = {n: params[n].detach().float().cpu().clone() for n in names}
         check_stability(self.fisher, b.ewc_lambda, self.cfg.train.lr, self.cfg.train.momentum, t)
         return {"fisher": self.fisher, "anchor": self.anchor}
 

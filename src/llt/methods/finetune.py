@@ -3,8 +3,8 @@ seen heads; no exemplar memory, no teacher, no penalty. Old classes are forgotte
 
 from __future__ import annotations
 
-from llt.methods.incremental import Baseline
+from llt.methods.incremental import Incremental
 
 
-class Finetune(Baseline):
+class Finetune(Incremental):
     name = "finetune"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llt.methods.incremental import Baseline
+from llt.methods.incremental import Incremental
 from llt.teaching import extract_features
 from llt.trainer import Recipe
 
@@ -47,23 +47,22 @@ def nme_predict(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return torch.cdist(F.normalize(features.float(), dim=1), means).argmin(1)
 
 
-class ICaRL(Baseline):
+class ICaRL(Incremental):
     name = "icarl"
-    replays_memory = True
     uses_teacher = True
 
     def recipe(self, t: int) -> Recipe:
-        return Recipe(loss="bce", temperature=self.cfg.baseline.icarl_temperature)
+        return Recipe(loss="bce", temperature=self.cfg.baseline.icarl_temperature, batching=self.batching)
 
     def exemplars(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and labels of the exemplars of every class seen after task t."""
-        stream = self.eng.ctx.stream          # (with herding, run_baseline herded task t's classes already)
+        stream = self.eng.ctx.stream          # (with herding, task t's classes are herded already)
         pool = self.eng.herded if stream.exemplar_selection == "herding" else stream.exemplars
         labels = [lab for task in stream.tasks[: t + 1] for lab in task.labels]
         idx = torch.cat([pool[lab] for lab in labels])
         return idx, stream.train_labels[idx]
 
-    def evaluate(self, t: int) -> tuple[list[float], dict]:
+    def evaluate(self, t: int) -> tuple[dict, dict]:
         ctx, eng = self.eng.ctx, self.eng
         bs = ctx.eval_batch
         idx, labels = self.exemplars(t)
@@ -75,4 +74,4 @@ class ICaRL(Baseline):
                                  ctx.autocast_dtype).cpu()
             pred = nme_predict(f, means)
             row.append(100.0 * float((pred == ctx.stream.test_labels[task.test_idx]).float().mean()))
-        return row, {"network_row": eng.accuracy(t)["row"]}
+        return {"row": row}, {"network_row": eng.accuracy(t)["row"]}

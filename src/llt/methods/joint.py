@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from llt.methods.incremental import Baseline
+from llt.methods.incremental import Incremental
 
 
-class Joint(Baseline):
+class Joint(Incremental):
     name = "joint"
-    trains_on_old_data = True
 
     def new_indices(self, t: int) -> torch.Tensor:
         return torch.cat([task.train_idx for task in self.eng.ctx.stream.tasks[: t + 1]])

@@ -13,14 +13,15 @@ teaching's distillation, the term is not scaled by T^2.
 
 from __future__ import annotations
 
-from llt.methods.incremental import Baseline
+from llt.methods.incremental import Incremental
 from llt.trainer import Recipe
 
 
-class LwF(Baseline):
+class LwF(Incremental):
     name = "lwf"
+    local_ce = True            # FACIL and PyCIL
     uses_teacher = True
 
     def recipe(self, t: int) -> Recipe:
         b = self.cfg.baseline
-        return Recipe(loss="ce", distill=b.lwf_lambda, temperature=b.lwf_temperature, ce_offset=self.ce_offset(t))
+        return Recipe(loss="ce", distill=b.lwf_lambda, temperature=b.lwf_temperature, ce_offset=self.ce_offset(t), batching=self.batching)

@@ -34,13 +34,13 @@ from llt.errors import LLTError
 from llt.methods.base import Done, Engine, cpu_state, finish, finished_run, history_record, load_teaching
 from llt.pruning.controls import KINDS as RANDOM_KINDS
 from llt.pruning.controls import random_controls
+from llt.registry import TICKET_SEARCHES, retrained_name
 from llt.pruning.mask import Mask
 from llt.runs import RunDir
 from llt.storage import load_checkpoint
 
 INITS = ("original", "reference", "random")
 MASKS = ("ticket", *RANDOM_KINDS)
-TICKET_METHODS = {"bu": "trbu", "td": "trtd"}     # source method -> method of its re-training
 
 
 def check_monotone(masks: list[Mask], method: str) -> None:
@@ -69,7 +69,7 @@ def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket
     if mask not in MASKS:
         raise LLTError(f"--mask must be one of {', '.join(MASKS)}, got {mask!r}")
     src = RunDir(src_dir)
-    summary = finished_run(src_dir, tuple(TICKET_METHODS))
+    summary = finished_run(src_dir, TICKET_SEARCHES)
     if init == "reference" and summary["method"] != "bu":
         raise LLTError(f"{src_dir}: --init reference needs a Bottom-Up run (only those keep a dense reference per "
                        f"task); use original or random for a {summary['method']} run")
@@ -143,5 +143,5 @@ def _retrain(ctx: Context, src: RunDir, summary: dict, init: str, mask_kind: str
                            f"{src.path}: the source run changed; start a new re-training")
         R.append(done.meta["row"])
         densities.append(done.meta["density"])
-    return finish(ctx, R, densities, method=TICKET_METHODS[method], source_run=str(src.path),
+    return finish(ctx, R, densities, method=retrained_name(method), source_run=str(src.path),
                   source_method=method, init=init, mask=mask_kind)

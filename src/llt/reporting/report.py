@@ -6,9 +6,11 @@ differ only by the seed form one group, shown as mean and standard deviation ove
 
 Outputs in OUT_DIR:
     report.md                 a comparison of the groups after the last task, then per group: SA,
-                              remaining weights, forgetting per task (mean +- std, seeds)
+                              remaining weights, forgetting per task (mean +- std, seeds), the lottery controls and
+                              the optimisation budget of every group
     summary.csv               the same numbers, one row per (group, task)
-    comparison.csv            one row per group: final SA, forgetting, remaining weights (mean, std), seeds
+    comparison.csv            one row per group: final SA, forgetting, remaining weights (mean, std), seeds,
+                              steps per epoch per task and SGD steps in all (the optimisation budget)
     sa.png                    SA against the number of learned tasks, one line per group (Figure 4, top)
     remaining_weights.png     remaining weights per task as grouped bars (Figure 4, bottom)
     accuracy_matrix-<run>.png the accuracy matrix of each run as a heatmap
@@ -26,12 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llt.errors import LLTError
+from llt.registry import TICKET_METHODS, label, names, search_of
 from llt.runs import check_summary, identity_tree, read_records
 
-METHOD_NAMES = {"cil": "Dense", "td": "Top-Down", "bu": "Bottom-Up", "trbu": "TR-BU", "trtd": "TR-TD",
-                "finetune": "Fine-tune", "joint": "Joint", "replay": "Replay", "lwf": "LwF", "ewc": "EWC", "icarl": "iCaRL"}
-TICKET_METHODS = ("td", "bu", "trbu", "trtd")
-RETRAINED = ("trbu", "trtd")          # re-trainings of a ticket run: TR-BU and the lottery controls
+RETRAINED = names("retrained")         # re-trainings of a ticket run: TR-BU and the lottery controls
 
 
 def variant(summary: dict) -> str:
@@ -124,15 +124,15 @@ def make_groups(runs: list[Run]) -> list[Group]:
     out = []
     for key, members in groups.items():
         s = members[0].summary
-        label = f"{METHOD_NAMES.get(s['method'], s['method'])} ({s['dataset']}"
+        text = f"{label(s['method'])} ({s['dataset']}"
         if s["method"] in TICKET_METHODS or s.get("mask_from"):
-            label += f", {s['remaining_weights'][-1]:.2f} %"
+            text += f", {s['remaining_weights'][-1]:.2f} %"
         if s["method"] in RETRAINED:
-            label += f", {variant(s)}"
-        label += ")"
-        if sum(1 for g in out if g.label.startswith(label)):
-            label += f" [{key}]"
-        out.append(Group(label, sorted(members, key=lambda r: r.summary["seed"])))
+            text += f", {variant(s)}"
+        text += ")"
+        if sum(1 for g in out if g.label.startswith(text)):
+            text += f" [{key}]"
+        out.append(Group(text, sorted(members, key=lambda r: r.summary["seed"])))
     return out
 
 
@@ -161,6 +161,7 @@ def write_tables(groups: list[Group], out: Path) -> None:
                 md.append(f"| T1~{t + 1} | " + " | ".join(f"{v:.2f}" for v in row) + " |" * (len(R) - t - 1) + " |")
         md.append("")
     md += controls_table(groups)
+    md += budget_table(groups)
     head, compare = comparison(groups)
     (out / "report.md").write_text("\n".join(md[:2] + head + md[2:]))
     for name, table in (("summary.csv", rows), ("comparison.csv", compare)):
@@ -186,9 +187,46 @@ def comparison(groups: list[Group]) -> tuple[list[str], list[dict]]:
             row[f"{col}_std"] = "" if math.isnan(sd) else round(sd, 4)
             cells.append("" if math.isnan(m) else f"{m:.2f} +- {sd:.2f}")
         row["n_seeds"] = len(g.runs)
+        budget = group_budget(g)
+        row["steps_per_epoch"] = " ".join(map(str, budget["steps_per_epoch"])) if budget else ""
+        row["sgd_steps_mean"] = round(budget["steps"], 1) if budget else ""
         rows.append(row)
         md.append(f"| {g.label} | " + " | ".join(cells) + f" | {len(g.runs)} |")
     return md + [""], rows
+
+
+def group_budget(g: Group) -> dict | None:
+    """What the group's trainings consumed (summary["budget"], mean over seeds): steps per epoch per task (of
+    the first seed; one config gives every seed the same), SGD steps in all, and per step of the last task the
+    new, memory and unlabeled images. None for summaries written before budgets were recorded."""
+    budgets = [r.summary.get("budget") for r in g.runs]
+    if not all(budgets):
+        return None
+    last = [b[-1] for b in budgets]
+    per_step = {k: mean_std([x[f"{k}_images"] / max(x["steps"], 1) for x in last])[0]
+                for k in ("new", "memory", "unlabeled")}
+    return {"steps_per_epoch": [t["steps_per_epoch"] for t in budgets[0]],
+            "steps": mean_std([sum(t["steps"] for t in b) for b in budgets])[0], "per_step": per_step}
+
+
+def budget_table(groups: list[Group]) -> list[str]:
+    """Markdown lines: every group's optimisation budget, so that a comparison shows it is a fair one."""
+    md = ["## Optimisation budget", "",
+          "SGD steps per epoch of each task's trainings (every method of one config takes the lottery loop's: one "
+          "pass over the task's data and the memory, batch_size on task 1 and batch_size // 4 after), SGD steps of "
+          "all trainings (ticket searches add their pruning rounds), and the images one step of the last task draws "
+          "on average (mean over seeds).", "",
+          "| group | steps per epoch, tasks 1.. | SGD steps in all | per step: new / memory / unlabeled images |",
+          "| --- | --- | --- | --- |"]
+    for g in groups:
+        b = group_budget(g)
+        if b is None:
+            md.append(f"| {g.label} | n/a (not recorded) | | |")
+            continue
+        p = b["per_step"]
+        md.append(f"| {g.label} | {' '.join(map(str, b['steps_per_epoch']))} | {b['steps']:.0f} | "
+                  f"{p['new']:.1f} / {p['memory']:.1f} / {p['unlabeled']:.1f} |")
+    return md + [""]
 
 
 def controls_table(groups: list[Group]) -> list[str]:
@@ -198,13 +236,12 @@ def controls_table(groups: list[Group]) -> list[str]:
     ticket = [g for g in groups if g.runs[0].summary["method"] in TICKET_METHODS]
     if not any(g.runs[0].summary["method"] in RETRAINED for g in ticket):
         return []
-    family = {"td": "Top-Down", "trtd": "Top-Down", "bu": "Bottom-Up", "trbu": "Bottom-Up"}
     def rank(s: dict) -> tuple:      # the search, its tickets re-trained, then the controls
         if s["method"] not in RETRAINED:
             return (0, 0, 0)
         return (1, s.get("mask", "ticket") != "ticket", s.get("init", "original") != "original")
 
-    ticket.sort(key=lambda g: (family[g.runs[0].summary["method"]], g.runs[0].summary["dataset"],
+    ticket.sort(key=lambda g: (label(search_of(g.runs[0].summary["method"])), g.runs[0].summary["dataset"],
                                rank(g.runs[0].summary), variant(g.runs[0].summary)))
     md = ["## Lottery controls", "",
           "Each ticket search, and the re-trainings of its masks in isolation (TR-BU / TR-TD with the tickets; the "
@@ -218,7 +255,7 @@ def controls_table(groups: list[Group]) -> list[str]:
         for key in ("sa", "forgetting", "remaining_weights"):
             m, sd = g.per_task(key)[-1]
             cells.append("" if math.isnan(m) else (f"{m:.2f}" if len(g.runs) == 1 else f"{m:.2f} +- {sd:.2f}"))
-        md.append(f"| {family[s['method']]} | {variant(s)} | {s['dataset']} | " + " | ".join(cells)
+        md.append(f"| {label(search_of(s['method']))} | {variant(s)} | {s['dataset']} | " + " | ".join(cells)
                   + f" | {len(g.runs)} |")
     return md + [""]
 
@@ -293,7 +330,7 @@ def plot_matrix(run: Run, out: Path) -> Path:
     ax.set_yticks(range(n), [f"after {t + 1}" for t in range(n)])
     ax.set_xlabel("evaluated task")
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    ax.set_title(f"{METHOD_NAMES.get(run.summary['method'], run.summary['method'])}, seed {run.summary['seed']}",
+    ax.set_title(f"{label(run.summary['method'])}, seed {run.summary['seed']}",
                  fontsize=9)
     return _save(fig, out / f"accuracy_matrix-{run.name}.png")
 

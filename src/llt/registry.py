@@ -1,0 +1,117 @@
+"""The one registry of method names: every `run.method`, every method a summary can name, their labels and
+what each needs. Config validation, the driver, `llt retrain`, `llt study` and `llt report` all read it
+(tests/test_registry.py checks that no other list of method names remains).
+
+Every runnable method is reached the same way: `REGISTRY[name].runner()` is a callable
+`(ctx, progress) -> summary` (a stage machine over llt.methods.base.Engine). The modules are imported only
+when a method runs, so reading the registry (config validation, reports) imports no training code.
+
+Families:
+    stream     builds and describes the task stream only
+    dense      dense class-incremental learning with lottery teaching (the tickets' dense counterpart)
+    ticket     a lifelong-ticket search (Top-Down, Bottom-Up)
+    retrained  the masks of a ticket run re-trained in isolation (`llt retrain`: TR-BU, TR-TD, the controls);
+               never a run.method
+    baseline   a class-incremental baseline (docs/baselines.md)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                 # run.method and summary["method"]
+    label: str                # how reports name it
+    family: str
+    target: str = ""          # "module:attribute[.attribute]" of its runner; "" when it is not a run.method
+    memory: bool = False      # replays the exemplar memory of the old classes
+    old_data: bool = False    # trains on the old classes' own training data (joint)
+    source: str = ""          # retrained: the ticket method whose masks it re-trains
+    retrains: bool = False    # with prune.retrain_after, its tickets are re-trained from theta_0 after it (TR-BU)
+
+    @property
+    def runnable(self) -> bool:
+        return bool(self.target)
+
+    def runner(self) -> Callable:
+        """The callable (ctx, progress) -> summary that runs this method."""
+        if not self.target:
+            raise ValueError(f"{self.name} is not a run.method (it names re-trainings, made by `llt retrain`)")
+        module, attr = self.target.split(":")
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("stream", "Stream", "stream", "llt.methods.driver:describe_stream"),
+    Method("cil", "Dense", "dense", "llt.methods.dense:DenseCIL.run", memory=True),
+    Method("td", "Top-Down", "ticket", "llt.methods.topdown:run_topdown", memory=True),
+    Method("bu", "Bottom-Up", "ticket", "llt.methods.bottomup:run_bottomup", memory=True, retrains=True),
+    Method("trtd", "TR-TD", "retrained", memory=True, source="td"),
+    Method("trbu", "TR-BU", "retrained", memory=True, source="bu"),
+    Method("finetune", "Fine-tune", "baseline", "llt.methods.finetune:Finetune.run"),
+    Method("joint", "Joint", "baseline", "llt.methods.joint:Joint.run", old_data=True),
+    Method("replay", "Replay", "baseline", "llt.methods.replay:Replay.run", memory=True),
+    Method("lwf", "LwF", "baseline", "llt.methods.lwf:LwF.run"),
+    Method("ewc", "EWC", "baseline", "llt.methods.ewc:EWC.run"),
+    Method("icarl", "iCaRL", "baseline", "llt.methods.icarl:ICaRL.run", memory=True),
+)}
+
+
+def names(*families: str) -> tuple[str, ...]:
+    """Method names of the given families, in registry order (all families when none is given)."""
+    return tuple(n for n, m in REGISTRY.items() if not families or m.family in families)
+
+
+RUN_METHODS = tuple(n for n, m in REGISTRY.items() if m.runnable)     # the choices of run.method
+TICKET_SEARCHES = names("ticket")                                     # td, bu
+TICKET_METHODS = names("ticket", "retrained")                         # every run whose result is a ticket
+BASELINES = names("baseline")
+
+
+def label(name: str) -> str:
+    m = REGISTRY.get(name)
+    return m.label if m else name
+
+
+def search_of(name: str) -> str:
+    """The ticket search a ticket method's masks come from (trbu -> bu; bu -> bu)."""
+    return REGISTRY[name].source or name
+
+
+def retrained_name(source: str) -> str:
+    """The summary method of a re-training of a `source` ticket run (bu -> trbu)."""
+    for m in REGISTRY.values():
+        if m.family == "retrained" and m.source == source:
+            return m.name
+    raise ValueError(f"{source!r} is not a ticket search ({', '.join(TICKET_SEARCHES)})")
+
+
+def check_config(cfg) -> list[tuple[str, str]]:
+    """The method-specific rules of a RunConfig: (key, message) for each one broken."""
+    m, b, d = REGISTRY[cfg.run.method], cfg.baseline, cfg.data
+    out = []
+    if m.family == "baseline" and m.memory and d.exemplars_per_class < 1:
+        out.append(("data.exemplars_per_class", f"run.method={m.name} replays an exemplar memory: needs at least 1 "
+                                                f"exemplar per class, got {d.exemplars_per_class}"))
+    if b.ce_scope == "local" and not (m.family == "baseline" and not m.memory and not m.old_data):
+        out.append(("baseline.ce_scope", f"local applies to {', '.join(memoryless_baselines())} (no old data in "
+                                         f"their batches), not to run.method={m.name}"))
+    if b.mask_from and m.family != "baseline":
+        out.append(("baseline.mask_from", f"applies to the baselines ({', '.join(BASELINES)}), not to "
+                                          f"run.method={m.name}"))
+    if b.replay_batching != "auto" and not (m.family == "baseline" and m.memory):
+        out.append(("baseline.replay_batching", f"applies to the baselines that replay a memory "
+                                                f"({', '.join(n for n in BASELINES if REGISTRY[n].memory)}), not "
+                                                f"to run.method={m.name}"))
+    return out
+
+
+def memoryless_baselines() -> tuple[str, ...]:
+    return tuple(n for n in BASELINES if not REGISTRY[n].memory and not REGISTRY[n].old_data)
