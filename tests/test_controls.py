@@ -125,7 +125,7 @@ def test_report_puts_tickets_and_controls_side_by_side(td_run, tmp_path):
     assert main(["report", *dirs, "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report/report.md").read_text()
     assert "## Lottery controls" in md
-    table = md[md.index("## Lottery controls"):md.index("## Optimisation budget")]
+    table = md[md.index("## Lottery controls"):md.index("## Paired differences")]
     assert "Top-Down" in table and "ticket, original init" in table and "random mask, original init" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")][2:]
     assert len(rows) == 3          # the ticket run, its re-training, the random-mask control

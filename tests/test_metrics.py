@@ -67,3 +67,17 @@ def test_evaluation_is_task_agnostic_over_seen_heads_only():
     assert out["overall"] == 25.0
     assert out["per_class"] == [0.0, 0.0, 100.0, 0.0]
     assert accuracy(model, images, s.test_labels, [task.test_idx for task in s.tasks], norm)["row"] == [0.0, 0.0, 50.0]
+
+
+def test_student_t_quantiles_and_intervals():
+    from llt.metrics import mean_interval, paired_difference, student_t_cdf, student_t_quantile
+
+    for df, q in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)):     # published 0.975 quantiles
+        assert round(student_t_quantile(0.975, df), 3) == q
+    assert student_t_cdf(0.0, 3) == pytest.approx(0.5) and student_t_quantile(0.025, 5) == pytest.approx(-2.5706, abs=1e-4)
+    iv = mean_interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["half"] == pytest.approx(4.302653 * 1.0 / 3 ** 0.5, rel=1e-6)
+    assert mean_interval([4.0]) == {"mean": 4.0, "half": None, "low": None, "high": None, "n": 1}
+    d = paired_difference({0: 3.0, 1: 5.0, 2: 1.0}, {0: 1.0, 1: 4.0, 7: 0.0})
+    assert d["n"] == 2 and d["seeds"] == [0, 1] and d["mean"] == 1.5 and d["positive"] == 2
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None

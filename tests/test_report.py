@@ -66,7 +66,8 @@ def test_report_writes_tables_and_figures_with_seed_statistics(runs, capsys):
     assert float(bu_c["final_forgetting_mean"]) == 10.0 and float(bu_c["final_forgetting_std"]) == 0.0
     assert bu_c["n_seeds"] == "2"
     assert md.index("## Comparison") < md.index("## Bottom-Up")
-    assert f"| 77.50 +- 3.54 | 10.00 +- 0.00 | {100 * m2.density():.2f} +- 0.00 | 2 |" in md
+    half = 12.706204736174698 * statistics.stdev([75.0, 80.0]) / 2 ** 0.5     # the 95 % t interval, n = 2
+    assert f"| 77.50 +- {half:.2f} | 10.00 +- 0.00 | {100 * m2.density():.2f} +- 0.00 | 2 |" in md
 
 
 def test_mask_overlap_is_intersection_over_union(runs):
@@ -132,3 +133,62 @@ def test_report_shows_each_groups_optimisation_budget(tmp_path):
     assert rows["Replay"]["steps_per_epoch"] == "4 10" and float(rows["Replay"]["sgd_steps_mean"]) == 28.0
     assert rows["Dense"]["steps_per_epoch"] == ""
 
+
+def synthetic(root, name, method, seed, final, source=None, init="original", mask="ticket"):
+    """A finished run with two tasks whose final SA is `final` (task 1 at 90 % after task 1)."""
+    rd = RunDir.create(root, name)
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, method=method if method != "trbu" else "bu",
+                                                           seed=seed))
+    rd.write_json("manifest.json", {"config": to_tree(cfg)})
+    extra = {} if source is None else {"source_run": str(root / source), "init": init, "mask": mask}
+    dens = [1.0, 1.0] if method == "cil" else [0.1 + 0.01 * seed, 0.2 + 0.01 * seed]
+    rd.write_json("summary.json", build_summary(method, "cifar10", seed, [[90.0], [final, final]], dens, **extra))
+    return rd.path
+
+
+def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
+    """Issue 21: method - dense and ticket - control on the same seed, the mean difference with its Student-t
+    95 % interval (t_{0.975, n-1} s / sqrt n), n and the positive count; n = 1 prints n/a, never +- 0; a
+    control whose tickets are not in the report says so; the group label's remaining weights are the mean."""
+    dense = {0: 50.0, 1: 60.0, 2: 70.0}
+    bu = {0: 55.0, 1: 58.0, 2: 76.0}                 # differences +5, -2, +6
+    tr = {0: 57.0, 1: 61.0, 2: 70.0}
+    rand = {0: 50.0, 1: 52.0}                        # seed 2 missing: TR - random = +7, +9 over n = 2
+    for s in range(3):
+        synthetic(tmp_path, f"cil-s{s}", "cil", s, dense[s])
+        synthetic(tmp_path, f"bu-s{s}", "bu", s, bu[s])
+        synthetic(tmp_path, f"bu-s{s}-retrain-original", "trbu", s, tr[s], source=f"bu-s{s}")
+    for s in (0, 1):
+        synthetic(tmp_path, f"bu-s{s}-retrain-original-random", "trbu", s, rand[s], source=f"bu-s{s}", mask="random")
+    synthetic(tmp_path, "bu-s0-retrain-random", "trbu", 0, 40.0, source="bu-s0", init="random")      # n = 1
+    synthetic(tmp_path, "other-retrain-random", "trbu", 5, 30.0, source="elsewhere", init="random",
+              mask="layerwise-random")                                                               # no tickets
+    out = tmp_path / "report"
+    assert main(["report", *map(str, sorted(tmp_path.iterdir())), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    table = md[md.index("## Paired differences"):md.index("## Optimisation budget")]
+    rows = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line and "group" not in line}
+    half = 4.302652729911275 * statistics.stdev([5.0, -2.0, 6.0]) / 3 ** 0.5            # t_{0.975, 2} = 4.3027
+    [bu_row] = [v for k, v in rows.items() if k.startswith("| Bottom-Up (cifar10, 21.00 %)") and "dense" in k]
+    assert f"+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]" in bu_row and "| 3 | 2 of 3 |" in bu_row
+    [rand_row] = [v for k, v in rows.items() if "random mask, original init" in k and "ticket - control" in v]
+    half2 = 12.706204736174698 * statistics.stdev([7.0, 9.0]) / 2 ** 0.5
+    assert f"+8.00 [{8 - half2:+.2f}, {8 + half2:+.2f}]" in rand_row and "| 2 | 2 of 2 |" in rand_row
+    [one] = [v for k, v in rows.items() if "ticket, random init" in k and "ticket - control" in v]
+    assert "+17.00 n/a" in one and "| 1 | 1 of 1 |" in one and "+- 0" not in one
+    [lost] = [v for k, v in rows.items() if "layerwise-random" in k and "ticket - control" in v]
+    assert "not in this report" in lost and "n/a" in lost
+    # the comparison: mean +- the interval's half-width; n/a for one seed
+    comp = md[md.index("## Comparison"):md.index("## Dense")]
+    dense_half = 4.302652729911275 * statistics.stdev(dense.values()) / 3 ** 0.5
+    assert f"| 60.00 +- {dense_half:.2f} |" in comp
+    assert "| 40.00 +- n/a |" in comp
+    rows_csv = {r["group"]: r for r in csv.DictReader(open(out / "comparison.csv"))}
+    [b] = [r for g, r in rows_csv.items() if g.startswith("Bottom-Up (cifar10, 21.00 %)")]
+    assert float(b["minus_dense_final_sa_mean"]) == 3.0 and b["minus_dense_final_sa_n"] == "3"
+    assert float(b["minus_dense_final_sa_ci_low"]) == pytest.approx(3 - half, abs=1e-3)
+    assert b["minus_dense_final_sa_positive"] == "2" and b["ticket_minus_final_sa_mean"] == ""
+    [r1] = [r for g, r in rows_csv.items() if "ticket, random init" in g]
+    assert float(r1["ticket_minus_final_sa_mean"]) == 17.0 and r1["ticket_minus_final_sa_ci_low"] == ""

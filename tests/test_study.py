@@ -140,11 +140,59 @@ def test_a_malformed_spec_is_refused_up_front(tmp_path, capsys, edit, message):
     assert message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
-def test_ray_executor_runs_the_same_tiny_spec(tmp_path, capsys):
-    pytest.importorskip("ray")
-    s = spec(tmp_path / "s.yaml", methods=("finetune",), seeds=(0, 1))
-    assert main(["study", str(s), "--out", str(tmp_path / "out"), "--executor", "ray", "--workers", "2"]) == 0
-    assert len(summaries(tmp_path / "out")) == 2
+def kill_when(out: Path, ready, group: bool = False, deadline_s: float = 120) -> int | None:
+    """SIGKILL the process holding the lock of the first run directory under `out` for which ready(dir) is true
+    (with `group`, its whole process group); returns its pid."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        for note in out.glob("*/lock"):
+            if ready(note.parent):
+                try:
+                    pid = json.loads(note.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue
+                os.killpg(os.getpgid(pid), signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.02)
+    return None
+
+
+def test_ray_executor_lets_ray_schedule_and_retries_a_killed_job(tmp_path, capsys):
+    """Issue 21: on a local Ray cluster of 2 CPUs every ready job is submitted, more than one runs at once,
+    and a job whose process is killed is retried and resumes from its checkpoints."""
+    if os.environ.get("LLT_REQUIRE_RAY") != "1":
+        pytest.importorskip("ray")
+    import threading
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    s = spec(tmp_path / "s.yaml", methods=("finetune", "cil"), seeds=(0,))
+    s.write_text(s.read_text().replace('"train.epochs=2"', '"train.epochs=4"'))
+    out = tmp_path / "out"
+    killed = []
+    killer = threading.Thread(target=lambda: killed.append(kill_when(
+        out, lambda d: "cil" in d.name and (d / "stages/task1.done").is_file() and any(d.glob("checkpoints/epoch/*.pt")))))
+    killer.start()
+    try:
+        assert main(["study", str(s), "--out", str(out), "--executor", "ray"]) == 0   # --workers 1 would cap it
+    finally:
+        killer.join()
+        ray.shutdown()
+    printed = capsys.readouterr().out
+    assert "Ray cluster with 2 CPUs" in printed and printed.count("study: submitted") == 2
+    got = summaries(out)
+    assert len(got) == 2 and killed[0] is not None
+    spans = []
+    for name in got:                   # from the run's first record to its summary: they overlap in time
+        d = out / name
+        first = json.loads((d / "records.jsonl").read_text().splitlines()[0]).get("time")
+        spans.append((first if first is not None else (d / "manifest.json").stat().st_mtime,
+                      (d / "summary.json").stat().st_mtime))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, spans
+    log = (out / "logs/cil-s0.log").read_text()
+    assert "continuing after epoch" in log                  # the killed job was retried and resumed
 
 
 def test_without_ray_the_ray_executor_is_a_clear_error(tmp_path, capsys, monkeypatch):
@@ -192,3 +240,50 @@ def test_jobs_sharing_the_cpu_get_their_share_of_its_threads(monkeypatch):
     assert study._env(1)["CUDA_VISIBLE_DEVICES"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert study._env(None, 4)["OMP_NUM_THREADS"] == "3"          # the user's own setting wins
+
+
+def test_study_record_is_relative_and_report_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Issue 21: study.json names its runs relative to itself; `llt report DIR` from another working directory
+    (and after the folder moved) finds every run, and names the ones it cannot find."""
+    s = spec(tmp_path / "s.yaml", methods=("finetune",), seeds=(0, 1))
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out/study.json").read_text())
+    assert all(not Path(j["directory"]).is_absolute() for j in record["jobs"])
+    (tmp_path / "out").rename(tmp_path / "moved")
+    import shutil
+
+    shutil.rmtree(tmp_path / "moved" / record["jobs"][1]["directory"])     # one run lost
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "moved"), "--out", "rep"]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 2 runs missing: " + Path(record["jobs"][1]["directory"]).name in captured.err
+    assert "runs: " + Path(record["jobs"][0]["directory"]).name in (elsewhere / "rep/report.md").read_text()
+
+
+def test_a_bottom_up_study_killed_during_its_tr_bu_resumes_the_tr_bu(tmp_path):
+    """Issue 21: a Bottom-Up run with prune.retrain_after writes its summary before its TR-BU; the TR-BU is a
+    job of its own, so a study killed during it (workers and all) resumes it on the next invocation."""
+    s = spec(tmp_path / "s.yaml", methods=("bu",), seeds=(0,))
+    s.write_text(s.read_text().replace('"run.method=bu"', '"run.method=bu", "prune.retrain_after=true", '
+                                                         '"prune.max_rounds=1", "prune.finetune_epochs=1"')
+                 .replace('"train.epochs=2"', '"train.epochs=4"'))
+    from llt.study import load_spec
+
+    jobs = load_spec(s, tmp_path / "out")
+    assert [j.key for j in jobs] == ["bu-s0", "bu-trbu-s0"] and jobs[1].after == "bu-s0"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    study = subprocess.Popen([sys.executable, "-m", "llt", "study", str(s), "--out", str(tmp_path / "out")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pid = kill_when(tmp_path / "out", lambda d: d.name.endswith("-retrain-original")
+                    and any(d.glob("checkpoints/epoch/*.pt")), group=True)
+    study.communicate(timeout=60)
+    assert pid is not None, "the TR-BU never started"
+    [bu] = [d for d in (tmp_path / "out").iterdir() if d.name.startswith("bu-s0") and "retrain" not in d.name]
+    tr = tmp_path / "out" / f"{bu.name}-retrain-original"
+    assert (bu / "summary.json").is_file() and not (tr / "summary.json").is_file()     # killed inside TR-BU
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tr / "summary.json").read_text())["method"] == "trbu"
+    assert "continuing after epoch" in (tmp_path / "out/logs/bu-trbu-s0.log").read_text()

@@ -13,6 +13,7 @@ import time
 from llt import __version__
 from llt.config import dump_yaml, load_config
 from llt.configdoc import describe_fields
+from llt.registry import RETRAIN_INITS
 from llt.errors import LLTError
 from llt.runtime import tune_allocator
 
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="re-train the masks of a finished ticket run in isolation (TR-BU and the "
                                        "lottery controls), or any subnetwork on task k (--weights, --mask, --task)")
     p.add_argument("run_dir", nargs="?", help="a finished Bottom-Up or Top-Down run directory")
-    p.add_argument("--init", default="original", choices=("original", "reference", "random"),
+    p.add_argument("--init", default="original", choices=RETRAIN_INITS,
                    help="initialisation: the run's theta_0 (default), the previous task's dense reference (Bottom-Up "
                         "only), or random")
     p.add_argument("--mask", default="ticket",
@@ -129,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder of the study's run directories")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, which are finished, epochs) and stop")
     p.add_argument("--executor", default="local", choices=("local", "ray"), help="local worker processes or Ray tasks")
-    p.add_argument("--workers", type=int, default=0, help="local workers (default: one per CUDA device, 1 on CPU)")
+    p.add_argument("--workers", type=int, default=0, help="local workers (default: one per CUDA device, 1 on CPU); "
+                   "with --executor ray every ready job is submitted and the cluster's resources decide")
     p.add_argument("--address", help="--executor ray: the address of an existing Ray cluster (default: a local one)")
+    p.add_argument("--cpus-per-job", type=int, default=1, help="--executor ray: CPUs each job asks for (its threads)")
+    p.add_argument("--gpus-per-job", type=float, default=None, help="--executor ray: GPUs each job asks for (default: "
+                   "1 when the cluster has GPUs, else 0)")
     p.add_argument("--retries", type=int, default=1, help="times a job whose process died is started again")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override for every run of the study (after each entry's own; repeatable)")
@@ -236,10 +241,10 @@ def cmd_study(args) -> int:
     print(plan(jobs))
     if args.dry_run:
         return 0
-    if args.retries < 0 or args.workers < 0:
-        raise LLTError("--retries and --workers must be non-negative")
+    if args.retries < 0 or args.workers < 0 or args.cpus_per_job < 1 or (args.gpus_per_job or 0) < 0:
+        raise LLTError("--retries and --workers must be non-negative, --cpus-per-job at least 1, --gpus-per-job >= 0")
     outcome = run_study(jobs, Path(args.out), args.workers or default_workers(), args.retries, args.executor,
-                        args.address)
+                        args.address, resources={"cpus": args.cpus_per_job, "gpus": args.gpus_per_job})
     print(f"study: {len(outcome.done)} of {len(jobs)} runs finished; report: llt report {args.out} --out REPORT_DIR")
     if outcome.failed:
         raise LLTError(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)} (logs in {args.out}/logs)")
@@ -288,7 +293,8 @@ def cmd_retrain(args) -> int:
         return 0
     if not args.run_dir:
         raise LLTError("llt retrain needs a finished ticket run directory, or --weights W --mask M --task k")
-    from llt.methods.retrain import MASKS, run_retrain
+    from llt.methods.retrain import run_retrain
+    from llt.registry import RETRAIN_MASKS as MASKS
 
     if args.mask not in MASKS:
         raise LLTError(f"--mask must be one of {', '.join(MASKS)} for a run directory, got {args.mask!r}")

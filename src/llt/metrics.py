@@ -75,3 +75,90 @@ def summarize(R: Matrix) -> dict:
         "forgetting": forgetting(R),
         "backward_transfer": backward_transfer(R),
     }
+
+
+# ------------------------------------------------------------------------------------ statistics over seeds
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p (bisection on the CDF, to 1e-12)."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
+    lo, hi = -1.0, 1.0
+    while student_t_cdf(lo, df) > p:
+        lo *= 2.0
+    while student_t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> dict:
+    """Mean over seeds with a two-sided Student-t confidence interval: {"mean", "half", "low", "high", "n"}.
+    `half` (the interval's half-width, t_{(1+level)/2, n-1} * s / sqrt(n)) and the bounds are None for
+    n = 1: one seed gives no interval."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        raise ValueError("no values")
+    m = sum(vals) / n
+    if n == 1:
+        return {"mean": m, "half": None, "low": None, "high": None, "n": 1}
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
+    half = student_t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return {"mean": m, "half": half, "low": m - half, "high": m + half, "n": n}
+
+
+def paired_difference(a: dict, b: dict, level: float = 0.95) -> dict | None:
+    """a - b over the keys (seeds) both have: the mean difference with its Student-t interval (the paired
+    t interval: a t interval of the per-seed differences), n, and on how many seeds a - b > 0. None when no
+    key is shared."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    diffs = [float(a[k]) - float(b[k]) for k in keys]
+    return {**mean_interval(diffs, level), "positive": sum(d > 0 for d in diffs), "seeds": keys,
+            "differences": diffs}

@@ -80,6 +80,17 @@ def label(name: str) -> str:
     return m.label if m else name
 
 
+# Re-training a ticket run's masks in isolation (llt retrain, a study's derived steps, the report's variants)
+RETRAIN_INITS = ("original", "reference", "random")    # theta_0; the dense reference of task t-1; fresh random
+RANDOM_MASKS = ("random", "layerwise-random")           # the lottery controls' masks (llt.pruning.controls)
+RETRAIN_MASKS = ("ticket", *RANDOM_MASKS)
+
+
+def retrain_name(source_run_name: str, init: str, mask: str) -> str:
+    """The run directory name of a re-training of the ticket run `source_run_name`."""
+    return f"{source_run_name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}")
+
+
 def search_of(name: str) -> str:
     """The ticket search a ticket method's masks come from (trbu -> bu; bu -> bu)."""
     return REGISTRY[name].source or name

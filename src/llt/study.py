@@ -23,8 +23,10 @@ dies (a signal, a lost worker) is retried (`--retries`, default 1) and continues
 error (exit status 2) is not retried. Two workers can never train the same run directory (the run lock).
 
 Executors: `local` (default): N worker processes (`--workers`; default one per CUDA device, 1 on CPU);
-`ray`: each job a Ray task (one GPU each when there are GPUs) on a local Ray instance or an existing
-cluster (`--address`); Ray is an optional extra, imported only here.
+`ray`: every ready job is submitted at once as a Ray task asking for `--cpus-per-job` CPUs (its threads) and
+`--gpus-per-job` GPUs (default: 1 when the cluster has GPUs), and the cluster's resources decide how many run
+at once, on a local Ray instance or an existing cluster (`--address`); Ray is an optional extra, imported
+only here.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from llt.config import load_config, parse_override
-from llt.registry import TICKET_SEARCHES
+from llt.registry import REGISTRY, RETRAIN_INITS, RETRAIN_MASKS, TICKET_SEARCHES, retrain_name, retrained_name
 from llt.presets import available_presets
 from llt.errors import LLTError
 from llt.runs import run_name
@@ -92,8 +94,8 @@ def estimate_epochs(cfg) -> int:
     if cfg.run.method == "td":
         rounds = p.td_rounds or [1] * n
         return sum(2 * e + p.finetune_epochs * max(r - 1, 0) for r in rounds)
-    if cfg.run.method == "bu":
-        return n * (2 * e + p.max_rounds * p.finetune_epochs) + (n * e if p.retrain_after else 0)
+    if cfg.run.method == "bu":          # (its TR-BU re-training is a job of its own)
+        return n * (2 * e + p.max_rounds * p.finetune_epochs)
     return n * e
 
 
@@ -164,8 +166,8 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
     for i, entry in enumerate(derived, 1):
         where = _check_entry(entry, f"{path}: derived entry {i}", ("name", "from"), DERIVED_KEYS)
         init, mask = str(entry.get("init", "original")), str(entry.get("mask", "ticket"))
-        if init not in ("original", "reference", "random") or mask not in ("ticket", "random", "layerwise-random"):
-            raise LLTError(f"{where}: init must be original, reference or random; mask ticket, random or layerwise-random")
+        if init not in RETRAIN_INITS or mask not in RETRAIN_MASKS:
+            raise LLTError(f"{where}: init must be {', '.join(RETRAIN_INITS)}; mask {', '.join(RETRAIN_MASKS)}")
         for seed in seeds:
             if (entry["from"], seed) not in ticket_runs:
                 raise LLTError(f"{where}: from {entry['from']!r} names no run of this spec")
@@ -173,11 +175,24 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
             if cfg.run.method not in TICKET_SEARCHES:
                 raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run "
                                f"({' or '.join(TICKET_SEARCHES)})")
-            d = out / (f"{src.name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}"))
+            d = out / retrain_name(src.name, init, mask)
             args = ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
                     *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"]
             jobs.append(Job(entry["name"], seed, args, d, after=f"{entry['from']}-s{seed}",
                             epochs=(cfg.data.num_tasks or 5) * cfg.train.epochs, key=f"{entry['name']}-s{seed}"))
+    # A run that re-trains its tickets itself (Bottom-Up with prune.retrain_after) writes its summary before that
+    # re-training: the re-training is also a job of its own after it, so a study stopped during it resumes it
+    # (or finds it finished) instead of counting the run as done.
+    targets = {j.directory for j in jobs}
+    for (name, seed), (d, cfg) in list(ticket_runs.items()):
+        if REGISTRY[cfg.run.method].retrains and cfg.prune.retrain_after:
+            tr = out / retrain_name(d.name, "original", "ticket")
+            if tr not in targets:
+                args = ["retrain", str(d), "--init", "original", "--mask", "ticket", "--out", str(out),
+                        *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"]
+                jobs.append(Job(f"{name}-{retrained_name(cfg.run.method)}", seed, args, tr, after=f"{name}-s{seed}",
+                                epochs=(cfg.data.num_tasks or 5) * cfg.train.epochs,
+                                key=f"{name}-{retrained_name(cfg.run.method)}-s{seed}"))
     # Seed-major order (every run of the first seed, then its derived steps, then the next seed): with one
     # worker, a study stopped part-way leaves whole seeds finished rather than every method half done.
     return sorted(jobs, key=lambda j: seeds.index(j.seed))
@@ -259,11 +274,23 @@ class Outcome:
     failed: list[str] = field(default_factory=list)
 
 
-def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, executor: str = "local",
-              address: str | None = None, quiet: bool = False) -> Outcome:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({"jobs": [dataclasses.asdict(j) | {"directory": str(j.directory)}
+def write_study_record(jobs: list[Job], out: Path) -> None:
+    """study.json: every job, its run directory relative to the study folder (so the folder can move and
+    `llt report DIR` finds its runs from any working directory)."""
+    def rel(d: Path) -> str:
+        try:
+            return str(Path(d).resolve().relative_to(out.resolve()))
+        except ValueError:
+            return str(Path(d).resolve())
+
+    (out / "study.json").write_text(json.dumps({"jobs": [dataclasses.asdict(j) | {"directory": rel(j.directory)}
                                                          for j in jobs]}, indent=2, default=str) + "\n")
+
+
+def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, executor: str = "local",
+              address: str | None = None, quiet: bool = False, resources: dict | None = None) -> Outcome:
+    out.mkdir(parents=True, exist_ok=True)
+    write_study_record(jobs, out)
     todo = [j for j in jobs if not j.finished()]
     outcome = Outcome(done=[j.key for j in jobs if j.finished()])
     if not todo:
@@ -274,7 +301,9 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="study", unit="run", file=sys.stderr)
-    runner = _ray_runner(address) if executor == "ray" else None
+    runner = _ray_runner(address, resources or {}) if executor == "ray" else None
+    if runner is not None:          # Ray schedules: every ready job is submitted, the cluster decides concurrency
+        workers = len(todo)
     logs = out / "logs"
     import queue
 
@@ -294,7 +323,7 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
 
     def one(job: Job) -> tuple[Job, int, str]:
         started_at[job.key] = time.monotonic()
-        print(f"study: started {job.key} ({job.args[0]})", flush=True)
+        print(f"study: {'submitted' if runner else 'started'} {job.key} ({job.args[0]})", flush=True)
         if runner:
             return (job, *runner(job, retries, logs))
         slot = slots.get()
@@ -362,30 +391,28 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
     return outcome
 
 
-def _ray_runner(address: str | None):
+def _ray_runner(address: str | None, resources: dict):
     try:
         import ray
     except ImportError:
         raise LLTError("--executor ray needs Ray: pip install 'lifelong-tickets[ray]' (or pip install ray)") from None
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    import torch
+    cpus = int(resources.get("cpus") or 1)
+    gpus = resources.get("gpus")
+    if gpus is None:                # the cluster's resources, not the driver's: a CPU-only driver may command GPUs
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    print(f"study: Ray cluster with {ray.cluster_resources().get('CPU', 0):g} CPUs and "
+          f"{ray.cluster_resources().get('GPU', 0):g} GPUs; each job asks for {cpus} CPU(s) and {gpus:g} GPU(s)",
+          flush=True)
 
-    gpus = 1 if torch.cuda.is_available() else 0
-
-    @ray.remote(num_gpus=gpus, max_retries=0)
+    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     def remote(job: Job, retries: int, log_dir: str) -> tuple[int, str]:
-        return run_job(job, retries, Path(log_dir))
+        return run_job(job, retries, Path(log_dir), threads=cpus)
 
     def runner(job: Job, retries: int, log_dir: Path) -> tuple[int, str]:
         return ray.get(remote.remote(job, retries, str(log_dir)))
 
     return runner
-
-
-def study_run_dirs(folder: Path) -> list[str]:
-    """The finished run directories of a study folder (for llt report DIR)."""
-    info = json.loads((folder / "study.json").read_text())
-    return [j["directory"] for j in info["jobs"] if (Path(j["directory"]) / "summary.json").is_file()]
 
 
 def default_workers() -> int:

@@ -32,15 +32,14 @@ from llt.context import Context, open_run, prepare
 from llt.data.stream import derive_seed
 from llt.errors import LLTError
 from llt.methods.base import Done, Engine, cpu_state, finish, finished_run, history_record, load_teaching
-from llt.pruning.controls import KINDS as RANDOM_KINDS
 from llt.pruning.controls import random_controls
-from llt.registry import TICKET_SEARCHES, retrained_name
+from llt.registry import RETRAIN_INITS as INITS
+from llt.registry import RETRAIN_MASKS as MASKS
+from llt.registry import TICKET_SEARCHES, retrain_name, retrained_name
 from llt.pruning.mask import Mask
 from llt.runs import RunDir
 from llt.storage import load_checkpoint
 
-INITS = ("original", "reference", "random")
-MASKS = ("ticket", *RANDOM_KINDS)
 
 
 def check_monotone(masks: list[Mask], method: str) -> None:
@@ -58,10 +57,6 @@ def check_monotone(masks: list[Mask], method: str) -> None:
                            f"tickets only {verb})")
 
 
-def retrain_name(src: Path, init: str, mask: str) -> str:
-    return f"{src.name}-retrain-{init}" + ("" if mask == "ticket" else f"-{mask}")
-
-
 def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket", out_dir: str | Path | None = None,
                 data_dir: str | None = None, progress: str = "auto") -> dict:
     if init not in INITS:
@@ -75,7 +70,7 @@ def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket
                        f"task); use original or random for a {summary['method']} run")
     cfg, _ = open_run(str(src_dir), data_dir)
     out = Path(out_dir) if out_dir else src.path.parent
-    name = retrain_name(src.path, init, mask)
+    name = retrain_name(src.path.name, init, mask)
     fresh = not (out / name).exists()
     rd = RunDir.create(out, name)
     with rd.lock():

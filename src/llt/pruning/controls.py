@@ -15,8 +15,7 @@ import torch
 
 from llt.errors import LLTError
 from llt.pruning.mask import Mask
-
-KINDS = ("random", "layerwise-random")
+from llt.registry import RANDOM_MASKS as KINDS
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

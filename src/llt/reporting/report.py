@@ -24,11 +24,14 @@ import csv
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llt.errors import LLTError
+from llt.metrics import mean_interval
 from llt.registry import TICKET_METHODS, label, names, search_of
+from llt.reporting.paired import paired_columns, paired_table
 from llt.runs import check_summary, identity_tree, read_records
 
 RETRAINED = names("retrained")         # re-trainings of a ticket run: TR-BU and the lottery controls
@@ -117,21 +120,38 @@ class Group:
         return out
 
 
+def _flat(tree: dict) -> dict:
+    return {f"{sec}.{k}": json.dumps(v) for sec, vals in tree.items() if isinstance(vals, dict) for k, v in vals.items()}
+
+
 def make_groups(runs: list[Run]) -> list[Group]:
+    """Runs that differ only by seed, as groups. Groups whose labels would be equal (replay with two batching
+    recipes, say) are told apart by the config fields in which they differ."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(group_key(r), []).append(r)
-    out = []
+    texts = {}
     for key, members in groups.items():
         s = members[0].summary
         text = f"{label(s['method'])} ({s['dataset']}"
-        if s["method"] in TICKET_METHODS or s.get("mask_from"):
-            text += f", {s['remaining_weights'][-1]:.2f} %"
+        if s["method"] in TICKET_METHODS or s.get("mask_from"):     # the mean over its seeds
+            text += f", {mean_std([r.summary['remaining_weights'][-1] for r in members])[0]:.2f} %"
         if s["method"] in RETRAINED:
             text += f", {variant(s)}"
+        texts[key] = text
+    out = []
+    for key, members in groups.items():
+        text = texts[key]
+        twins = [k for k, t in texts.items() if t == text]
+        if len(twins) > 1:
+            flat = {k: _flat(identity_tree(groups[k][0].config)) for k in twins}
+            differ = sorted(f for f in set().union(*flat.values()) if f not in ("run.seed", "run.name")
+                            and len({flat[k].get(f) for k in twins}) > 1)
+            text += ", " + ", ".join(f"{f.split('.', 1)[1]}={json.loads(flat[key][f]) if f in flat[key] else '-'}"
+                                     for f in differ[:3])
         text += ")"
-        if sum(1 for g in out if g.label.startswith(text)):
-            text += f" [{key}]"
+        if any(g.label == text for g in out):
+            text = text[:-1] + f" [{key}])"
         out.append(Group(text, sorted(members, key=lambda r: r.summary["seed"])))
     return out
 
@@ -161,6 +181,7 @@ def write_tables(groups: list[Group], out: Path) -> None:
                 md.append(f"| T1~{t + 1} | " + " | ".join(f"{v:.2f}" for v in row) + " |" * (len(R) - t - 1) + " |")
         md.append("")
     md += controls_table(groups)
+    md += paired_table(groups)
     md += budget_table(groups)
     head, compare = comparison(groups)
     (out / "report.md").write_text("\n".join(md[:2] + head + md[2:]))
@@ -172,24 +193,32 @@ def write_tables(groups: list[Group], out: Path) -> None:
 
 
 def comparison(groups: list[Group]) -> tuple[list[str], list[dict]]:
-    """One line per group after its last task: final SA, final forgetting and remaining weights, each
-    mean +- std over its seeds, and the number of seeds (Markdown lines, CSV rows)."""
-    md = ["## Comparison", "", "After the last task; mean +- std over seeds (std 0 for one seed).", "",
+    """One line per group after its last task: final SA, final forgetting and remaining weights, each the mean
+    over its seeds +- the half-width of its 95 % Student-t confidence interval (n/a for one seed), and the
+    number of seeds (Markdown lines, CSV rows: mean, std, interval bounds, then the paired comparisons)."""
+    md = ["## Comparison", "", "After the last task; mean over seeds +- the half-width of its 95 % confidence "
+          "interval (Student t, n - 1 degrees of freedom; n/a for one seed).", "",
           "| group | final SA (%) | final forgetting (points) | remaining weights (%) | seeds |",
           "| --- | --- | --- | --- | --- |"]
     rows = []
+    paired = paired_columns(groups)
     for g in groups:
         row = {"group": g.label}
         cells = []
         for key, col in (("sa", "final_sa"), ("forgetting", "final_forgetting"), ("remaining_weights", "remaining")):
             m, sd = g.per_task(key)[-1]
+            vals = [r.summary[key][-1] for r in g.runs if r.summary[key][-1] is not None]
+            ci = mean_interval(vals) if vals else None
             row[f"{col}_mean"] = "" if math.isnan(m) else round(m, 4)
             row[f"{col}_std"] = "" if math.isnan(sd) else round(sd, 4)
-            cells.append("" if math.isnan(m) else f"{m:.2f} +- {sd:.2f}")
+            row[f"{col}_ci_low"] = "" if ci is None or ci["low"] is None else round(ci["low"], 4)
+            row[f"{col}_ci_high"] = "" if ci is None or ci["high"] is None else round(ci["high"], 4)
+            cells.append("" if ci is None else f"{m:.2f} +- " + ("n/a" if ci["half"] is None else f"{ci['half']:.2f}"))
         row["n_seeds"] = len(g.runs)
         budget = group_budget(g)
         row["steps_per_epoch"] = " ".join(map(str, budget["steps_per_epoch"])) if budget else ""
         row["sgd_steps_mean"] = round(budget["steps"], 1) if budget else ""
+        row.update(paired[g.label])
         rows.append(row)
         md.append(f"| {g.label} | " + " | ".join(cells) + f" | {len(g.runs)} |")
     return md + [""], rows
@@ -388,16 +417,25 @@ def plot_overlap(run: Run, out: Path) -> Path | None:
 
 
 def expand(run_dirs: list[str]) -> list[str]:
-    """Run directories, with a study folder (one holding study.json) replaced by its finished runs."""
+    """Run directories, with a study folder (one holding study.json) replaced by its finished runs. A study's
+    run paths are relative to its folder (absolute ones, from older studies, are taken as they are); the runs
+    it lists but that are missing or unfinished are named on stderr, not dropped silently."""
     out = []
     for p in run_dirs:
         study = Path(p) / "study.json"
         if study.is_file():
             try:
                 jobs = json.loads(study.read_text())["jobs"]
+                dirs = [Path(p) / j["directory"] for j in jobs]      # an absolute path stays absolute
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise LLTError(f"{study}: not a study record ({e})") from None
-            out += [j["directory"] for j in jobs if (Path(j["directory"]) / "summary.json").is_file()]
+            missing = [d for d in dirs if not d.is_dir()]
+            unfinished = [d for d in dirs if d.is_dir() and not (d / "summary.json").is_file()]
+            for what, items in (("missing", missing), ("not finished", unfinished)):
+                if items:
+                    print(f"llt report: {study}: {len(items)} of {len(dirs)} runs {what}: "
+                          + ", ".join(d.name for d in items), file=sys.stderr)
+            out += [str(d) for d in dirs if (d / "summary.json").is_file()]
         else:
             out.append(p)
     return out

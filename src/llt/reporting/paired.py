@@ -1,0 +1,141 @@
+"""Paired comparisons for `llt report`: the difference between two methods on the same seed, with a Student-t
+95 % confidence interval over seeds (llt.metrics.paired_difference).
+
+Two kinds of pair, each matched seed by seed:
+    method - dense   every group against the dense CIL group on the same stream and model (the same dataset,
+                     tasks, class order, images per class and network), when exactly one such dense group exists
+    ticket - control every lottery control (a re-training with a random mask or a random initialisation)
+                     against the tickets it controls for: the re-training of the same ticket run with its own
+                     masks from theta_0 (TR-BU / TR-TD) when the report has it, else the ticket run as found
+The groups come from llt.reporting.report (runs that differ only by seed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llt.metrics import paired_difference
+from llt.registry import REGISTRY
+
+METRICS = (("final_sa", "final SA", "points"), ("final_forgetting", "final forgetting", "points"))
+STREAM_FIELDS = ("dataset", "num_tasks", "classes_per_task", "class_order", "train_per_class", "val_per_class",
+                 "val_fraction")
+
+
+def stream_key(run) -> str:
+    """What makes two runs comparable seed by seed: the same stream and the same network."""
+    data = run.config.get("data", {})
+    return json.dumps({"data": {k: data.get(k) for k in STREAM_FIELDS}, "model": run.config.get("model", {})},
+                      sort_keys=True)
+
+
+def values(group, key: str) -> dict[int, float]:
+    """seed -> the summary's value of `key` (runs without it are left out)."""
+    return {r.summary["seed"]: r.summary[key] for r in group.runs if r.summary.get(key) is not None}
+
+
+def is_control(group) -> bool:
+    s = group.runs[0].summary
+    return REGISTRY.get(s["method"]) is not None and REGISTRY[s["method"]].family == "retrained" and (
+        s.get("mask", "ticket") != "ticket" or s.get("init", "original") != "original")
+
+
+def source_name(run) -> str:
+    return Path(str(run.summary.get("source_run", ""))).name
+
+
+def ticket_reference(control, groups) -> tuple[str, dict[str, dict[int, float]]] | None:
+    """(what they are, per metric seed -> value) of the tickets `control` is a control of: their re-training
+    from theta_0 (TR-BU / TR-TD, trained exactly as the control) when the report has it, else the ticket run as
+    found; None when it has neither."""
+    sources = {source_name(r) for r in control.runs}
+    for g in groups:
+        s = g.runs[0].summary
+        if g is not control and REGISTRY.get(s["method"]) is not None and \
+                REGISTRY[s["method"]].family == "retrained" and not is_control(g) and \
+                {source_name(r) for r in g.runs} & sources:
+            return f"{REGISTRY[s['method']].label} tickets", {key: values(g, key) for key, _, _ in METRICS}
+    for g in groups:
+        if {r.name for r in g.runs} & sources:
+            return "tickets as found", {key: values(g, key) for key, _, _ in METRICS}
+    return None
+
+
+def dense_reference(group, groups) -> object | None:
+    key = stream_key(group.runs[0])
+    dense = [g for g in groups if g.runs[0].summary["method"] == "cil" and stream_key(g.runs[0]) == key]
+    return dense[0] if len(dense) == 1 and dense[0] is not group else None
+
+
+def paired_comparisons(groups) -> list[dict]:
+    """One entry per (group, comparison): {"group", "comparison", "against", metric: paired_difference or None}."""
+    out = []
+    for g in groups:
+        d = dense_reference(g, groups)
+        if d is not None:
+            out.append({"group": g, "comparison": "method - dense", "against": d.label,
+                        **{key: paired_difference(values(g, key), values(d, key)) for key, _, _ in METRICS}})
+        if is_control(g):
+            ref = ticket_reference(g, groups)
+            if ref is not None:
+                what, ref = ref
+                out.append({"group": g, "comparison": "ticket - control", "against": what,
+                            **{key: paired_difference(ref[key], values(g, key)) for key, _, _ in METRICS}})
+            else:
+                out.append({"group": g, "comparison": "ticket - control", "against": "its tickets: not in this report",
+                            **{key: None for key, _, _ in METRICS}})
+    return out
+
+
+def fmt(d: dict | None) -> tuple[str, str, str]:
+    """(mean [low, high], n, positive) cells; n = 1 gives n/a for the interval, never +- 0."""
+    if d is None:
+        return "n/a (no shared seed)", "0", ""
+    ci = "n/a" if d["half"] is None else f"[{d['low']:+.2f}, {d['high']:+.2f}]"
+    return f"{d['mean']:+.2f} {ci}", str(d["n"]), f"{d['positive']} of {d['n']}"
+
+
+def paired_table(groups) -> list[str]:
+    """Markdown lines of every paired comparison; empty when the report has none."""
+    rows = paired_comparisons(groups)
+    if not rows:
+        return []
+    md = ["## Paired differences (same seed)", "",
+          "Differences on the same seed, after the last task: each method minus the dense run, and each lottery "
+          "control's tickets minus the control (the tickets re-trained from theta_0, TR-BU / TR-TD, trained exactly "
+          "as the control is; the ticket run as found only when the report lacks them, as the column says). "
+          "Mean difference with its 95 % confidence interval (Student t over the seeds' differences, n - 1 "
+          "degrees of freedom; n/a for one seed), n seeds, and on how many seeds the difference was positive.", "",
+          "| group | comparison | final SA difference (points) [95 % CI] | final forgetting difference (points) "
+          "[95 % CI] | n | positive (SA) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        sa, n, pos = fmt(r["final_sa"])
+        fg, _, _ = fmt(r["final_forgetting"])
+        md.append(f"| {r['group'].label} | {r['comparison']} ({r['against']}) | {sa} | {fg} | {n} | {pos} |")
+    return md + [""]
+
+
+def paired_columns(groups) -> dict[str, dict]:
+    """group label -> comparison.csv columns: for "minus_dense" (the group minus dense) and "ticket_minus"
+    (its tickets minus this control), per metric: mean, ci_low, ci_high, n, positive (empty where none)."""
+    cols: dict[str, dict] = {g.label: {} for g in groups}
+    names = {"method - dense": "minus_dense", "ticket - control": "ticket_minus"}
+    for g in groups:
+        for prefix in names.values():
+            for key, _, _ in METRICS:
+                for f in ("mean", "ci_low", "ci_high", "n", "positive"):
+                    cols[g.label][f"{prefix}_{key}_{f}"] = ""
+    for r in paired_comparisons(groups):
+        prefix = names[r["comparison"]]
+        for key, _, _ in METRICS:
+            d = r[key]
+            if d is None:
+                continue
+            row = cols[r["group"].label]
+            row[f"{prefix}_{key}_mean"] = round(d["mean"], 4)
+            row[f"{prefix}_{key}_ci_low"] = "" if d["low"] is None else round(d["low"], 4)
+            row[f"{prefix}_{key}_ci_high"] = "" if d["high"] is None else round(d["high"], 4)
+            row[f"{prefix}_{key}_n"] = d["n"]
+            row[f"{prefix}_{key}_positive"] = d["positive"]
+    return cols
