@@ -154,6 +154,8 @@ class BaselineSection:
                               "images (Avalanche's replay, Mammoth's ER); 'auto': balanced for replay, concat for "
                               "icarl (docs/baselines.md)", ("auto", "concat", "balanced"))
     ewc_heads: bool = _f(False, "ewc: include the heads in the Fisher and the penalty (FACIL: backbone only)")
+    ewc_labels: str = _f("predicted", "ewc: the labels of the Fisher's log-likelihood, the model's own prediction over "
+                         "the seen classes (FACIL's default, max_pred) or the true labels", ("predicted", "true"))
     mask_from: str = _f("", "train under the tickets of a finished Top-Down or Bottom-Up run (its masks/task{t}.pt "
                         "for task t); empty: dense")
 

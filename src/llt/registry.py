@@ -117,6 +117,9 @@ def check_config(cfg) -> list[tuple[str, str]]:
     if b.mask_from and m.family != "baseline":
         out.append(("baseline.mask_from", f"applies to the baselines ({', '.join(BASELINES)}), not to "
                                           f"run.method={m.name}"))
+    if cfg.train.select != "best" and m.family not in ("dense", "baseline"):
+        out.append(("train.select", f"last applies to dense CIL and the baselines (the class-incremental loop); the ticket "
+                                    f"searches decide on the best epoch of each training, not to run.method={m.name}"))
     if b.replay_batching != "auto" and not (m.family == "baseline" and m.memory):
         out.append(("baseline.replay_batching", f"applies to the baselines that replay a memory "
                                                 f"({', '.join(n for n in BASELINES if REGISTRY[n].memory)}), not "

@@ -69,6 +69,7 @@ class TaskData:
     val_labels: torch.Tensor | None = None  # (the original's test-set decisions: prune.decision_split=test-compat)
     val_sizes: tuple[int, ...] = ()         # val_idx as consecutive per-task sets (for the per-task row); () one set
     steps_per_epoch: int = 0                # baselines: SGD steps per epoch (the budget); 0: one pass over their data
+    first_label: int = 0                    # the current task's first label: images below it count as old-class ones
 
 
 @dataclass(frozen=True)
@@ -282,14 +283,13 @@ class Trainer:
     def _epoch_recipe(self, k: int, opt, data: TaskData, s: Schedule, r: Recipe, cyclers: dict,
                       steps: int) -> tuple[torch.Tensor, int, dict]:
         """`steps` SGD steps of a baseline (the budget: data.steps_per_epoch, else one pass over its data)."""
-        union, n_new = self.recipe_union(data, r), data.new_idx.numel()
+        union = self.recipe_union(data, r)
         total = torch.zeros((), device=self.device)
         drawn, new, memory = 0, torch.zeros((), dtype=torch.int64, device=self.device), 0
         for _ in range(steps):
-            pos = cyclers["train"].next()
-            idx = union[pos]
-            drawn += pos.numel()
-            new += (pos < n_new).sum()
+            idx = union[cyclers["train"].next()]
+            drawn += idx.numel()
+            new += (data.labels[idx] >= data.first_label).sum()     # joint's old tasks count as old-class images
             if "memory" in cyclers:             # balanced replay: as many memory images beside them
                 m = data.memory_idx[cyclers["memory"].next()]
                 idx, memory = torch.cat([idx, m]), memory + m.numel()

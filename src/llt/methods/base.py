@@ -213,7 +213,8 @@ class Engine:
                         memory_idx=mem.to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
                         teaching=teaching, teacher=teacher,
                         val_sizes=tuple(x.val_idx.numel() for x in ctx.stream.tasks[: t + 1]),
-                        steps_per_epoch=self.steps_per_epoch(t, schedule.batch_size) if recipe is not None else 0)
+                        steps_per_epoch=self.steps_per_epoch(t, schedule.batch_size) if recipe is not None else 0,
+                        first_label=t * ctx.stream.classes_per_task)
         if select_on == "val-current":        # memoryless baselines: the current task's validation images only
             data.val_idx, data.val_sizes = task.val_idx.to(ctx.device), (task.val_idx.numel(),)
         elif select_on == "test":

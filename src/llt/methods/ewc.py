@@ -2,13 +2,14 @@
 FACIL survey's recipe (Masana et al., TPAMI 2022: cross-entropy on the current task's classes, Fisher
 accumulation, lambda = 5000 at its scale; docs/baselines.md).
 
-After task t, the diagonal empirical Fisher information of the task's training images is computed at the
+After task t, the diagonal Fisher information of the task's training images is computed at the
 kept model theta*_t, in eval mode (BatchNorm statistics fixed), over the backbone's parameters (FACIL's
 scope; baseline.ewc_heads=true adds the heads):
 
-    F_t,i = (1 / N) sum_n (d log p(y_n | x_n; theta) / d theta_i)^2        (true labels, the seen heads)
+    F_t,i = (1 / N) sum_n (d log p(y_n | x_n; theta) / d theta_i)^2        (over the seen heads)
 
-the mean over images of per-image squared gradients, computed image by image in one vectorised pass
+(y_n: the model's own prediction over the seen classes, FACIL's default `max_pred`; baseline.ewc_labels=true:
+the true labels), the mean over images of per-image squared gradients, computed image by image in one vectorised pass
 (torch.func: vmap of grad), so it does not depend on any batch size. FACIL squares the gradient of a
 batch's mean loss instead (times the batch size), a quantity that shrinks as the batch grows; llt's is
 the definition it approximates. Accumulated over tasks as FACIL does, from F = 0:
@@ -58,10 +59,11 @@ class EWCPenalty:
 
 def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_heads: int,
                      normalizer: Normalizer, names: list[str] | None = None,
-                     chunk_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of the parameters `names` (default: every trainable one): the mean over
-    images of the squared per-image gradient of CE(model(x), y) over heads 1..num_heads, in eval mode, in
-    float32. Per-image gradients come from torch.func (vmap of grad) in chunks of about `chunk_bytes`."""
+                     chunk_bytes: int = 1 << 28, predicted: bool = False) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the parameters `names` (default: every trainable one): the mean over images of the
+    squared per-image gradient of CE(model(x), y) over heads 1..num_heads, in eval mode, in float32; with
+    `predicted`, y is the model's own prediction (argmax over those heads) instead of the true label.
+    Per-image gradients come from torch.func (vmap of grad) in chunks of about `chunk_bytes`."""
     from torch.func import functional_call, grad, vmap
 
     was = model.training
@@ -75,8 +77,8 @@ def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch
     chunk = max(1, chunk_bytes // max(per_image, 1))
 
     def loss(p, x, y):
-        z = functional_call(model, (p, frozen, buffers), (x[None], num_heads, "main"))
-        return F.cross_entropy(z.float(), y[None])
+        z = functional_call(model, (p, frozen, buffers), (x[None], num_heads, "main")).float()
+        return F.cross_entropy(z, z.argmax(1).detach() if predicted else y[None])
 
     per_image_grad = vmap(grad(loss), in_dims=(None, 0, 0))
     try:
@@ -131,7 +133,8 @@ class EWC(Incremental):
         ctx, b, model = self.eng.ctx, self.cfg.baseline, self.eng.model
         idx = ctx.stream.tasks[t].train_idx.to(ctx.device)
         names = penalised_names(model, b.ewc_heads)
-        new = empirical_fisher(model, ctx.train_images[idx], ctx.train_labels[idx], t + 1, ctx.normalizer, names)
+        new = empirical_fisher(model, ctx.train_images[idx], ctx.train_labels[idx], t + 1, ctx.normalizer, names,
+                               predicted=b.ewc_labels == "predicted")
         new = {k: v.cpu() for k, v in new.items()}
         old = self.fisher or {k: torch.zeros_like(v) for k, v in new.items()}     # FACIL starts from F = 0
         self.fisher = {k: b.ewc_alpha * old[k] + (1 - b.ewc_alpha) * v for k, v in new.items()}
