@@ -123,12 +123,18 @@ def test_report_shows_each_groups_optimisation_budget(tmp_path):
                                                     budget=budget([8, 20], [64, new], [0, 80])))
         dirs.append(rd.path)
     old = make_run(tmp_path, "cil-s0", "cil", 0, [[95.0], [85.0, 81.0]], [100.0, 100.0])
+    zero = RunDir.create(tmp_path, "ewc-s0")              # a run whose records hold no training: not "0 steps"
+    cfg = RunConfig()
+    zero.write_json("manifest.json", {"config": to_tree(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, method="ewc")))})
+    zero.write_json("summary.json", build_summary("ewc", "cifar10", 0, [[90.0], [60.0, 70.0]], [1.0, 1.0],
+                                                  budget=[dict(budget([0, 0], [0, 0], [0, 0])[t], trainings=0)
+                                                          for t in range(2)]))
     out = tmp_path / "report"
-    assert main(["report", *map(str, dirs), str(old), "--out", str(out)]) == 0
+    assert main(["report", *map(str, dirs), str(old), str(zero.path), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "## Optimisation budget" in md
     assert "| 4 10 | 28 | 2.5 / 4.0 / 0.0 |" in md          # (40/20 + 60/20) / 2 new, 80/20 memory per step
-    assert "n/a (not recorded)" in md
+    assert md.count("n/a (not recorded)") == 2          # the dense run without a budget, the EWC run with none recorded
     rows = {r["group"].split(" ")[0]: r for r in csv.DictReader(open(out / "comparison.csv"))}
     assert rows["Replay"]["steps_per_epoch"] == "4 10" and float(rows["Replay"]["sgd_steps_mean"]) == 28.0
     assert rows["Dense"]["steps_per_epoch"] == ""

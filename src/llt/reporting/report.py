@@ -229,7 +229,7 @@ def group_budget(g: Group) -> dict | None:
     the first seed; one config gives every seed the same), SGD steps in all, and per step of the last task the
     new, memory and unlabeled images. None for summaries written before budgets were recorded."""
     budgets = [r.summary.get("budget") for r in g.runs]
-    if not all(budgets):
+    if not all(budgets) or not all(any(t.get("trainings") for t in b) for b in budgets):   # none recorded
         return None
     last = [b[-1] for b in budgets]
     per_step = {k: mean_std([x[f"{k}_images"] / max(x["steps"], 1) for x in last])[0]
