@@ -287,3 +287,20 @@ def test_a_bottom_up_study_killed_during_its_tr_bu_resumes_the_tr_bu(tmp_path):
     assert main(["study", str(s), "--out", str(tmp_path / "out")]) == 0
     assert json.loads((tr / "summary.json").read_text())["method"] == "trbu"
     assert "continuing after epoch" in (tmp_path / "out/logs/bu-trbu-s0.log").read_text()
+
+
+def test_a_job_that_writes_no_summary_where_the_study_expects_it_fails_and_blocks_its_controls(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """A job's process recomputes its run directory from the config; when llt changed under a running study the
+    two differ. The study must not count such a job finished (nor start the controls that read its ticket)."""
+    import llt.study
+
+    monkeypatch.setattr(llt.study, "_command", lambda job: [sys.executable, "-c", "pass"])   # exits 0, writes nothing
+    s = spec(tmp_path / "s.yaml", methods=("td",), seeds=(0,),
+             derived=[{"name": "td-random", "from": "td", "init": "original", "mask": "random"}])
+    s.write_text(s.read_text().replace('"run.method=td"', '"run.method=td", "prune.td_rounds=[1,0]"'))
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) != 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "study: FAILED td-s0: it exited cleanly but" in text and "holds no summary.json" in text
+    assert "study: skipped td-random-s0: td-s0 failed" in text and "study: finished" not in text

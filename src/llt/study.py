@@ -358,7 +358,14 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
                         del running[key]
                         now = time.monotonic()
                         took = f"{now - started_at.get(key, t_study):.0f} s; study {now - t_study:.0f} s"
-                        if rc == 0:
+                        if rc == 0 and not job.finished():
+                            # the job's process computed another run directory than this driver did: the llt
+                            # source, a preset or a default changed while the study ran, so the config hash moved
+                            outcome.failed.append(job.key)
+                            print(f"study: FAILED {job.key}: it exited cleanly but {job.directory} holds no summary.json "
+                                  f"(llt's code or a preset changed while the study ran, so the job wrote another run "
+                                  f"directory); run the same `llt study` command again", flush=True)
+                        elif rc == 0:
                             finished.add(job.key)
                             outcome.done.append(job.key)
                             print(f"study: finished {job.key}: final SA {sa} ({took})", flush=True)
