@@ -3,6 +3,7 @@ tickets, re-trained from any initialisation on finished Bottom-Up and Top-Down r
 them beside their tickets."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def masks(rd) -> list[Mask]:
 
 @pytest.mark.parametrize("source, kind, init", [("bu", "random", "original"), ("bu", "layerwise-random", "random"),
                                                 ("td", "layerwise-random", "original")])
-def test_controls_end_to_end(bu_run, td_run, tmp_path, capsys, source, kind, init):
+def test_controls_end_to_end(bu_run, td_run, tmp_path, capsys, monkeypatch, source, kind, init):
     src = bu_run if source == "bu" else td_run
     assert main(["retrain", str(src), "--mask", kind, "--init", init, "--out", str(tmp_path), "--quiet"]) == 0
     rd = tmp_path / f"{src.name}-retrain-{init}-{kind}"
@@ -116,6 +117,18 @@ def test_controls_end_to_end(bu_run, td_run, tmp_path, capsys, source, kind, ini
     assert main(["resume", str(rd), "--quiet"]) == 0
     assert capsys.readouterr().out.count("re-trained before") == 3
     assert json.loads((rd / "summary.json").read_text()) == summary
+    if source == "bu" and kind == "random":
+        # a re-training made with relative paths, moved with its source and resumed from another working
+        # directory: the source is found by its path relative to the re-training
+        shutil.copytree(src, tmp_path / "first" / src.name)
+        monkeypatch.chdir(tmp_path)
+        assert main(["retrain", f"first/{src.name}", "--mask", kind, "--init", init, "--out", "first", "--quiet"]) == 0
+        (tmp_path / "first").rename(tmp_path / "moved")
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        capsys.readouterr()
+        assert main(["resume", str(tmp_path / "moved" / rd.name), "--quiet"]) == 0
+        assert capsys.readouterr().out.count("re-trained before") == 3
 
 
 def test_report_puts_tickets_and_controls_side_by_side(td_run, tmp_path):

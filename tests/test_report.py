@@ -170,6 +170,7 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
     synthetic(tmp_path, "bu-s0-retrain-random", "trbu", 0, 40.0, source="bu-s0", init="random")      # n = 1
     synthetic(tmp_path, "other-retrain-random", "trbu", 5, 30.0, source="elsewhere", init="random",
               mask="layerwise-random")                                                               # no tickets
+    synthetic(tmp_path, "bu-s1-retrain-reference", "trbu", 1, 99.0, source="bu-s1", init="reference")  # not a control
     out = tmp_path / "report"
     assert main(["report", *map(str, sorted(tmp_path.iterdir())), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
@@ -178,14 +179,20 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
             if line.startswith("| ") and "---" not in line and "group" not in line}
     half = 4.302652729911275 * statistics.stdev([5.0, -2.0, 6.0]) / 3 ** 0.5            # t_{0.975, 2} = 4.3027
     [bu_row] = [v for k, v in rows.items() if k.startswith("| Bottom-Up (cifar10, 21.00 %)") and "dense" in k]
-    assert f"+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]" in bu_row and "| 3 | 2 of 3 |" in bu_row
-    [rand_row] = [v for k, v in rows.items() if "random mask, original init" in k and "ticket - control" in v]
+    assert f"+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]" in bu_row and "| 3 | 2 of 3 / 1 of 3 |" in bu_row
+    [rand_row] = [v for k, v in rows.items() if "random mask, original init" in k and "(TR-BU tickets)" in k]
     half2 = 12.706204736174698 * statistics.stdev([7.0, 9.0]) / 2 ** 0.5
-    assert f"+8.00 [{8 - half2:+.2f}, {8 + half2:+.2f}]" in rand_row and "| 2 | 2 of 2 |" in rand_row
-    [one] = [v for k, v in rows.items() if "ticket, random init" in k and "ticket - control" in v]
-    assert "+17.00 n/a" in one and "| 1 | 1 of 1 |" in one and "+- 0" not in one
+    assert f"+8.00 [{8 - half2:+.2f}, {8 + half2:+.2f}]" in rand_row and "| 2 | 2 of 2 / 0 of 2 |" in rand_row
+    [found_row] = [v for k, v in rows.items() if "random mask, original init" in k and "tickets as found" in k]
+    half3 = 12.706204736174698 * statistics.stdev([5.0, 6.0]) / 2 ** 0.5      # Bottom-Up as found: 55-50, 58-52
+    assert f"+5.50 [{5.5 - half3:+.2f}, {5.5 + half3:+.2f}]" in found_row and "| 2 | 2 of 2 / 0 of 2 |" in found_row
+    [one] = [v for k, v in rows.items() if "ticket, random init" in k and "(TR-BU tickets)" in k]
+    assert "+17.00 n/a" in one and "| 1 | 1 of 1 / 0 of 1 |" in one and "+- 0" not in one
+    [one_found] = [v for k, v in rows.items() if "ticket, random init" in k and "tickets as found" in k]
+    assert "+15.00 n/a" in one_found and "| 1 | 1 of 1 / 0 of 1 |" in one_found
     [lost] = [v for k, v in rows.items() if "layerwise-random" in k and "ticket - control" in v]
-    assert "not in this report" in lost and "n/a" in lost
+    assert "not in this report" in lost and "| n/a | n/a | 0 |" in lost and "no shared seed" not in lost
+    assert "ticket, reference init" in md and not [k for k in rows if "reference init" in k and "ticket - control" in k]
     # the comparison: mean +- the interval's half-width; n/a for one seed
     comp = md[md.index("## Comparison"):md.index("## Dense")]
     dense_half = 4.302652729911275 * statistics.stdev(dense.values()) / 3 ** 0.5
@@ -198,3 +205,4 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
     assert b["minus_dense_final_sa_positive"] == "2" and b["ticket_minus_final_sa_mean"] == ""
     [r1] = [r for g, r in rows_csv.items() if "ticket, random init" in g]
     assert float(r1["ticket_minus_final_sa_mean"]) == 17.0 and r1["ticket_minus_final_sa_ci_low"] == ""
+    assert float(r1["found_minus_final_sa_mean"]) == 15.0 and r1["found_minus_final_sa_n"] == "1"

@@ -129,6 +129,9 @@ def test_stopping_a_study_stops_its_workers_without_retrying_them(tmp_path):
     (lambda d: d["runs"][0].update(extra=1), "runs entry 1 (cil): unknown field(s) extra"),
     (lambda d: d.update(derived=[{"name": "x", "from": "cil"}]), "derived entry 1 (x): from 'cil' is a cil run, not a ticket run"),
     (lambda d: d.update(derived=[{"name": "x", "from": "nothing"}]), "derived entry 1 (x): from 'nothing' names no run"),
+    (lambda d: (d["runs"][0].update(set=[*d["runs"][0]["set"], "run.method=td", "prune.td_rounds=[1,0]"]),
+                d.update(derived=[{"name": "x", "from": "cil", "init": "reference"}])),
+     "derived entry 1 (x): init 'reference' needs a run that keeps a dense reference per task (bu); 'cil' is a td run"),
 ])
 def test_a_malformed_spec_is_refused_up_front(tmp_path, capsys, edit, message):
     s = spec(tmp_path / "s.yaml")
@@ -304,3 +307,24 @@ def test_a_job_that_writes_no_summary_where_the_study_expects_it_fails_and_block
     text = out.out + out.err
     assert "study: FAILED td-s0: it exited cleanly but" in text and "holds no summary.json" in text
     assert "study: skipped td-random-s0: td-s0 failed" in text and "study: finished" not in text
+
+
+def test_an_executor_that_fails_fails_its_job_not_the_study(tmp_path, capsys, monkeypatch):
+    """An exception from the executor (a Ray worker or node lost past its retries) fails that job, with its reason;
+    the other jobs still run and the study ends with its usual failure report."""
+    import llt.study
+
+    real = llt.study.run_job
+
+    def flaky(job, *args, **kwargs):
+        if job.key == "cil-s0":
+            raise RuntimeError("worker node died\nmore detail")
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(llt.study, "run_job", flaky)
+    s = spec(tmp_path / "s.yaml", methods=("cil",), seeds=(0, 1))
+    assert main(["study", str(s), "--out", str(tmp_path / "out")]) != 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "study: cil-s0: its executor failed: RuntimeError: worker node died" in text
+    assert "study: FAILED cil-s0" in text and "study: finished cil-s1" in text and "1 run(s) failed: cil-s0" in text

@@ -32,6 +32,7 @@ class Method:
     old_data: bool = False    # trains on the old classes' own training data (joint)
     source: str = ""          # retrained: the ticket method whose masks it re-trains
     retrains: bool = False    # with prune.retrain_after, its tickets are re-trained from theta_0 after it (TR-BU)
+    keeps_reference: bool = False   # keeps a dense reference per task (`llt retrain --init reference` needs one)
 
     @property
     def runnable(self) -> bool:
@@ -52,7 +53,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("stream", "Stream", "stream", "llt.methods.driver:describe_stream"),
     Method("cil", "Dense", "dense", "llt.methods.dense:DenseCIL.run", memory=True),
     Method("td", "Top-Down", "ticket", "llt.methods.topdown:run_topdown", memory=True),
-    Method("bu", "Bottom-Up", "ticket", "llt.methods.bottomup:run_bottomup", memory=True, retrains=True),
+    Method("bu", "Bottom-Up", "ticket", "llt.methods.bottomup:run_bottomup", memory=True, retrains=True,
+           keeps_reference=True),
     Method("trtd", "TR-TD", "retrained", memory=True, source="td"),
     Method("trbu", "TR-BU", "retrained", memory=True, source="bu"),
     Method("finetune", "Fine-tune", "baseline", "llt.methods.finetune:Finetune.run"),

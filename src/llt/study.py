@@ -116,7 +116,10 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
     derived steps that name no run each give a one-line error naming the entry. `sets`: overrides for
     every run of the study, after each entry's own; `data_dir`: where every job reads its data (not part
     of any run's identity, so the same study can be continued from another data folder)."""
-    path, out = Path(path), Path(out)
+    # absolute paths: a job may run in another working directory (a Ray worker, possibly on another machine
+    # that mounts the same file system)
+    path, out = Path(path), Path(out).absolute()
+    data_dir = str(Path(data_dir).expanduser().absolute()) if data_dir else data_dir
     common = list(sets) + ([f"data.data_dir={json.dumps(str(data_dir))}"] if data_dir else [])
     try:
         load_config(None, common)             # unknown keys and bad values, before any entry is read
@@ -175,6 +178,10 @@ def load_spec(path: str | Path, out: str | Path, sets: list[str] | tuple[str, ..
             if cfg.run.method not in TICKET_SEARCHES:
                 raise LLTError(f"{where}: from {entry['from']!r} is a {cfg.run.method} run, not a ticket run "
                                f"({' or '.join(TICKET_SEARCHES)})")
+            if init == "reference" and not REGISTRY[cfg.run.method].keeps_reference:
+                raise LLTError(f"{where}: init 'reference' needs a run that keeps a dense reference per task "
+                               f"({', '.join(n for n in TICKET_SEARCHES if REGISTRY[n].keeps_reference)}); "
+                               f"{entry['from']!r} is a {cfg.run.method} run")
             d = out / retrain_name(src.name, init, mask)
             args = ["retrain", str(src), "--init", init, "--mask", mask, "--out", str(out),
                     *(["--data-dir", str(data_dir)] if data_dir else []), "--quiet"]
@@ -333,6 +340,7 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
             slots.put(slot)
 
     pending = list(todo)
+    jobs_by_key = {j.key: j for j in todo}
     finished: set[str] = set(outcome.done)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         running = {}
@@ -354,7 +362,12 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
                 time.sleep(0.05)
                 for key, fut in list(running.items()):
                     if fut.done():
-                        job, rc, sa = fut.result()
+                        try:
+                            job, rc, sa = fut.result()
+                        except Exception as e:       # the executor itself failed (a Ray worker or node lost
+                            job, rc, sa = jobs_by_key[key], -1, ""    # past its retries): this job failed
+                            print(f"study: {key}: its executor failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                  flush=True)
                         del running[key]
                         now = time.monotonic()
                         took = f"{now - started_at.get(key, t_study):.0f} s; study {now - t_study:.0f} s"
@@ -412,12 +425,14 @@ def _ray_runner(address: str | None, resources: dict):
           f"{ray.cluster_resources().get('GPU', 0):g} GPUs; each job asks for {cpus} CPU(s) and {gpus:g} GPU(s)",
           flush=True)
 
-    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    # Ray starts a task again (up to --retries times) when its worker process or node dies; run_job's own
+    # retries cover the llt process. Either way the job continues from its checkpoints.
+    @ray.remote(num_cpus=cpus, num_gpus=gpus)
     def remote(job: Job, retries: int, log_dir: str) -> tuple[int, str]:
         return run_job(job, retries, Path(log_dir), threads=cpus)
 
     def runner(job: Job, retries: int, log_dir: Path) -> tuple[int, str]:
-        return ray.get(remote.remote(job, retries, str(log_dir)))
+        return ray.get(remote.options(max_retries=retries).remote(job, retries, str(log_dir)))
 
     return runner
 

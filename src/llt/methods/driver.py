@@ -54,6 +54,9 @@ def resume(run_dir: str, data_dir: str | None = None, progress: str = "auto") ->
         try:
             info = json.loads(retrain.read_text())
             source, init, mask = info["source_run"], info["init"], info.get("mask", "ticket")
+            rel = info.get("source_run_relative")
+            if rel and (rd.path / rel / "manifest.json").is_file():    # moved together, or another working dir
+                source = str(rd.path / rel)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise LLTError(f"{retrain}: not a valid re-training record ({e})") from None
         run_retrain(source, init, mask, out_dir=rd.path.parent, data_dir=data_dir, progress=progress)

@@ -22,6 +22,7 @@ random mask), with its own summary.json; `llt report` shows it beside its source
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from llt.methods.base import Done, Engine, cpu_state, finish, finished_run, hist
 from llt.pruning.controls import random_controls
 from llt.registry import RETRAIN_INITS as INITS
 from llt.registry import RETRAIN_MASKS as MASKS
-from llt.registry import TICKET_SEARCHES, retrain_name, retrained_name
+from llt.registry import REGISTRY, TICKET_SEARCHES, retrain_name, retrained_name
 from llt.pruning.mask import Mask
 from llt.runs import RunDir
 from llt.storage import load_checkpoint
@@ -65,7 +66,7 @@ def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket
         raise LLTError(f"--mask must be one of {', '.join(MASKS)}, got {mask!r}")
     src = RunDir(src_dir)
     summary = finished_run(src_dir, TICKET_SEARCHES)
-    if init == "reference" and summary["method"] != "bu":
+    if init == "reference" and not REGISTRY[summary["method"]].keeps_reference:
         raise LLTError(f"{src_dir}: --init reference needs a Bottom-Up run (only those keep a dense reference per "
                        f"task); use original or random for a {summary['method']} run")
     cfg, _ = open_run(str(src_dir), data_dir)
@@ -98,8 +99,11 @@ def _retrain(ctx: Context, src: RunDir, summary: dict, init: str, mask_kind: str
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, f"controls/{mask_kind}"))
         masks = random_controls(tickets, mask_kind, gen)
     theta0, _ = load_checkpoint(src.file("checkpoints/init.pt"))
-    rd.write_json("retrain.json", {"source_run": str(src.path), "source_method": method, "init": init,
-                                   "mask": mask_kind})
+    # the source both absolute and relative to this run (found again from any working directory, and after
+    # the two are moved together)
+    rd.write_json("retrain.json", {"source_run": str(src.path.resolve()),
+                                   "source_run_relative": os.path.relpath(src.path.resolve(), rd.path.resolve()),
+                                   "source_method": method, "init": init, "mask": mask_kind})
     label = f"re-train ({init} init, {mask_kind} mask)"
     R, densities = [], []
     for t in range(n):
@@ -138,5 +142,5 @@ def _retrain(ctx: Context, src: RunDir, summary: dict, init: str, mask_kind: str
                            f"{src.path}: the source run changed; start a new re-training")
         R.append(done.meta["row"])
         densities.append(done.meta["density"])
-    return finish(ctx, R, densities, method=retrained_name(method), source_run=str(src.path),
+    return finish(ctx, R, densities, method=retrained_name(method), source_run=str(src.path.resolve()),
                   source_method=method, init=init, mask=mask_kind)

@@ -5,8 +5,9 @@ Two kinds of pair, each matched seed by seed:
     method - dense   every group against the dense CIL group on the same stream and model (the same dataset,
                      tasks, class order, images per class and network), when exactly one such dense group exists
     ticket - control every lottery control (a re-training with a random mask or a random initialisation)
-                     against the tickets it controls for: the re-training of the same ticket run with its own
-                     masks from theta_0 (TR-BU / TR-TD) when the report has it, else the ticket run as found
+                     against the tickets it controls for, twice when the report has both: the re-training of
+                     the same ticket run with its own masks from theta_0 (TR-BU / TR-TD, trained exactly as the
+                     control is), and the ticket run as found (the search's own result)
 The groups come from llt.reporting.report (runs that differ only by seed).
 """
 
@@ -35,31 +36,45 @@ def values(group, key: str) -> dict[int, float]:
     return {r.summary["seed"]: r.summary[key] for r in group.runs if r.summary.get(key) is not None}
 
 
-def is_control(group) -> bool:
+def _retrained(group) -> dict | None:
     s = group.runs[0].summary
-    return REGISTRY.get(s["method"]) is not None and REGISTRY[s["method"]].family == "retrained" and (
-        s.get("mask", "ticket") != "ticket" or s.get("init", "original") != "original")
+    return s if REGISTRY.get(s["method"]) is not None and REGISTRY[s["method"]].family == "retrained" else None
+
+
+def is_control(group) -> bool:
+    """A lottery control: a re-training with a random mask or a random initialisation (a re-training from the
+    dense reference's weights, init=reference, is a variant of the tickets, not a control)."""
+    s = _retrained(group)
+    return s is not None and (s.get("mask", "ticket") != "ticket" or s.get("init", "original") == "random")
+
+
+def is_retrained_ticket(group) -> bool:
+    """TR-BU / TR-TD: the ticket's own masks re-trained from theta_0."""
+    s = _retrained(group)
+    return s is not None and s.get("mask", "ticket") == "ticket" and s.get("init", "original") == "original"
 
 
 def source_name(run) -> str:
     return Path(str(run.summary.get("source_run", ""))).name
 
 
-def ticket_reference(control, groups) -> tuple[str, dict[str, dict[int, float]]] | None:
-    """(what they are, per metric seed -> value) of the tickets `control` is a control of: their re-training
-    from theta_0 (TR-BU / TR-TD, trained exactly as the control) when the report has it, else the ticket run as
-    found; None when it has neither."""
+def ticket_references(control, groups) -> list[tuple[str, str, dict[str, dict[int, float]]]]:
+    """(kind, what they are, per metric seed -> value) of the tickets `control` is a control of, each the
+    report has: "retrained", their re-training from theta_0 (TR-BU / TR-TD, trained exactly as the control);
+    "found", the ticket run as found. Empty when the report has neither."""
     sources = {source_name(r) for r in control.runs}
+    out = []
     for g in groups:
-        s = g.runs[0].summary
-        if g is not control and REGISTRY.get(s["method"]) is not None and \
-                REGISTRY[s["method"]].family == "retrained" and not is_control(g) and \
-                {source_name(r) for r in g.runs} & sources:
-            return f"{REGISTRY[s['method']].label} tickets", {key: values(g, key) for key, _, _ in METRICS}
+        if g is not control and is_retrained_ticket(g) and {source_name(r) for r in g.runs} & sources:
+            out.append(("retrained", f"{REGISTRY[g.runs[0].summary['method']].label} tickets",
+                        {key: values(g, key) for key, _, _ in METRICS}))
+            break
     for g in groups:
         if {r.name for r in g.runs} & sources:
-            return "tickets as found", {key: values(g, key) for key, _, _ in METRICS}
-    return None
+            out.append(("found", f"{REGISTRY[g.runs[0].summary['method']].label} tickets as found",
+                        {key: values(g, key) for key, _, _ in METRICS}))
+            break
+    return out
 
 
 def dense_reference(group, groups) -> object | None:
@@ -77,21 +92,21 @@ def paired_comparisons(groups) -> list[dict]:
             out.append({"group": g, "comparison": "method - dense", "against": d.label,
                         **{key: paired_difference(values(g, key), values(d, key)) for key, _, _ in METRICS}})
         if is_control(g):
-            ref = ticket_reference(g, groups)
-            if ref is not None:
-                what, ref = ref
-                out.append({"group": g, "comparison": "ticket - control", "against": what,
+            refs = ticket_references(g, groups)
+            for kind, what, ref in refs:
+                out.append({"group": g, "comparison": "ticket - control", "kind": kind, "against": what,
                             **{key: paired_difference(ref[key], values(g, key)) for key, _, _ in METRICS}})
-            else:
-                out.append({"group": g, "comparison": "ticket - control", "against": "its tickets: not in this report",
-                            **{key: None for key, _, _ in METRICS}})
+            if not refs:
+                out.append({"group": g, "comparison": "ticket - control", "kind": "missing",
+                            "against": "its tickets: not in this report", **{key: None for key, _, _ in METRICS}})
     return out
 
 
-def fmt(d: dict | None) -> tuple[str, str, str]:
-    """(mean [low, high], n, positive) cells; n = 1 gives n/a for the interval, never +- 0."""
+def fmt(d: dict | None, missing: bool = False) -> tuple[str, str, str]:
+    """(mean [low, high], n, positive) cells; n = 1 gives n/a for the interval, never +- 0; `missing`: there is
+    nothing to compare with (else None means the two groups share no seed)."""
     if d is None:
-        return "n/a (no shared seed)", "0", ""
+        return ("n/a" if missing else "n/a (no shared seed)"), "0", ""
     ci = "n/a" if d["half"] is None else f"[{d['low']:+.2f}, {d['high']:+.2f}]"
     return f"{d['mean']:+.2f} {ci}", str(d["n"]), f"{d['positive']} of {d['n']}"
 
@@ -103,31 +118,37 @@ def paired_table(groups) -> list[str]:
         return []
     md = ["## Paired differences (same seed)", "",
           "Differences on the same seed, after the last task: each method minus the dense run, and each lottery "
-          "control's tickets minus the control (the tickets re-trained from theta_0, TR-BU / TR-TD, trained exactly "
-          "as the control is; the ticket run as found only when the report lacks them, as the column says). "
+          "control's tickets minus the control, against each of the two the report has: the tickets re-trained "
+          "from theta_0 (TR-BU / TR-TD, trained exactly as the control is) and the ticket run as found. "
           "Mean difference with its 95 % confidence interval (Student t over the seeds' differences, n - 1 "
-          "degrees of freedom; n/a for one seed), n seeds, and on how many seeds the difference was positive.", "",
+          "degrees of freedom; n/a for one seed), n seeds, and on how many seeds the difference was positive "
+          "(final SA / final forgetting: a positive forgetting difference means the first forgets more).", "",
           "| group | comparison | final SA difference (points) [95 % CI] | final forgetting difference (points) "
-          "[95 % CI] | n | positive (SA) |", "| --- | --- | --- | --- | --- | --- |"]
+          "[95 % CI] | n | positive (SA / forgetting) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        sa, n, pos = fmt(r["final_sa"])
-        fg, _, _ = fmt(r["final_forgetting"])
-        md.append(f"| {r['group'].label} | {r['comparison']} ({r['against']}) | {sa} | {fg} | {n} | {pos} |")
+        missing = r.get("kind") == "missing"
+        sa, n, pos = fmt(r["final_sa"], missing)
+        fg, _, fpos = fmt(r["final_forgetting"], missing)
+        both = f"{pos} / {fpos}" if pos else ""
+        md.append(f"| {r['group'].label} | {r['comparison']} ({r['against']}) | {sa} | {fg} | {n} | {both} |")
     return md + [""]
 
 
 def paired_columns(groups) -> dict[str, dict]:
-    """group label -> comparison.csv columns: for "minus_dense" (the group minus dense) and "ticket_minus"
-    (its tickets minus this control), per metric: mean, ci_low, ci_high, n, positive (empty where none)."""
+    """group label -> comparison.csv columns: for "minus_dense" (the group minus dense), "ticket_minus" (its
+    tickets re-trained from theta_0, TR-BU / TR-TD, minus this control) and "found_minus" (the ticket run as found
+    minus this control), per metric: mean, ci_low, ci_high, n, positive (empty where none)."""
     cols: dict[str, dict] = {g.label: {} for g in groups}
-    names = {"method - dense": "minus_dense", "ticket - control": "ticket_minus"}
+    names = {"dense": "minus_dense", "retrained": "ticket_minus", "found": "found_minus"}
     for g in groups:
         for prefix in names.values():
             for key, _, _ in METRICS:
                 for f in ("mean", "ci_low", "ci_high", "n", "positive"):
                     cols[g.label][f"{prefix}_{key}_{f}"] = ""
     for r in paired_comparisons(groups):
-        prefix = names[r["comparison"]]
+        if r.get("kind") == "missing":
+            continue
+        prefix = names[r.get("kind", "dense")]
         for key, _, _ in METRICS:
             d = r[key]
             if d is None:
