@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pytest
+from conftest import REPO
 
 from llt.cli import main
 from llt.config import RunConfig, to_tree
@@ -206,3 +207,18 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
     [r1] = [r for g, r in rows_csv.items() if "ticket, random init" in g]
     assert float(r1["ticket_minus_final_sa_mean"]) == 17.0 and r1["ticket_minus_final_sa_ci_low"] == ""
     assert float(r1["found_minus_final_sa_mean"]) == 15.0 and r1["found_minus_final_sa_n"] == "1"
+
+
+def test_the_committed_medium_study_report_is_what_its_committed_summaries_give(tmp_path):
+    """results/cifar10-medium holds the study's summaries and the report docs/results.md quotes: the tables must
+    be exactly what today's `llt report` makes of those summaries (figures are not rebuilt here)."""
+    from llt.reporting.report import expand, load_run, make_groups, write_tables
+
+    folder = REPO / "results" / "cifar10-medium"
+    if not (folder / "study.json").is_file():
+        pytest.skip("results/cifar10-medium is not in this checkout")
+    runs = [load_run(p) for p in expand([str(folder)])]
+    assert len(runs) == 33
+    write_tables(make_groups(runs), tmp_path)
+    for name in ("report.md", "comparison.csv", "summary.csv"):
+        assert (tmp_path / name).read_text() == (folder / "report" / name).read_text(), name

@@ -300,9 +300,18 @@ def _plt():
     return plt
 
 
+def _colors(ax, n: int) -> None:
+    """A distinct colour per group: matplotlib's default cycle repeats after 10 (a study has more groups)."""
+    if n > 10:
+        from cycler import cycler
+
+        cmap = _plt().get_cmap("tab20")
+        ax.set_prop_cycle(cycler(color=[cmap(i % 20) for i in range(n)]))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")        # legends below the axes stay whole, however long the labels
     _plt().close(fig)
     return path
 
@@ -310,6 +319,7 @@ def _save(fig, path: Path) -> Path:
 def plot_sa(groups: list[Group], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.6), dpi=120)
+    _colors(ax, len(groups))
     for g in groups:
         sa = g.per_task("sa")
         x = list(range(1, len(sa) + 1))
@@ -330,6 +340,7 @@ def plot_remaining(groups: list[Group], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.6), dpi=120)
     width = 0.8 / len(groups)
+    _colors(ax, len(groups))
     for i, g in enumerate(groups):
         rw = g.per_task("remaining_weights")
         x = [t + 1 + (i - (len(groups) - 1) / 2) * width for t in range(len(rw))]
