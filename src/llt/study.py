@@ -366,8 +366,8 @@ def run_study(jobs: list[Job], out: Path, workers: int = 1, retries: int = 1, ex
                             job, rc, sa = fut.result()
                         except Exception as e:       # the executor itself failed (a Ray worker or node lost
                             job, rc, sa = jobs_by_key[key], -1, ""    # past its retries): this job failed
-                            print(f"study: {key}: its executor failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                  flush=True)
+                            first = str(e).splitlines()[0] if str(e) else ""
+                            print(f"study: {key}: its executor failed: {type(e).__name__}: {first}", flush=True)
                         del running[key]
                         now = time.monotonic()
                         took = f"{now - started_at.get(key, t_study):.0f} s; study {now - t_study:.0f} s"
