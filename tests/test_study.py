@@ -330,3 +330,22 @@ def test_an_executor_that_fails_fails_its_job_not_the_study(tmp_path, capsys, mo
     text = out.out + out.err
     assert "study: cil-s0: its executor failed: RuntimeError: worker node died" in text
     assert "study: FAILED cil-s0" in text and "study: finished cil-s1" in text and "1 run(s) failed: cil-s0" in text
+
+
+def test_relative_out_and_data_dir_reach_the_jobs_as_absolute_paths(tmp_path, monkeypatch):
+    """A job may run in another working directory (a Ray worker): its run directory, --out and --data-dir are
+    absolute even when the study was given relative ones."""
+    from llt.study import load_spec
+
+    s = spec(tmp_path / "s.yaml", methods=("td",), seeds=(0,),
+             derived=[{"name": "td-random", "from": "td", "init": "original", "mask": "random"}])
+    s.write_text(s.read_text().replace('"run.method=td"', '"run.method=td", "prune.td_rounds=[1,0]"'))
+    monkeypatch.chdir(tmp_path)
+    jobs = load_spec("s.yaml", "out", data_dir="data")
+    assert len(jobs) == 2 and all(j.directory.is_absolute() and j.directory.parent == tmp_path / "out" for j in jobs)
+    run, derived = jobs
+    assert f'data.data_dir="{tmp_path / "data"}"' in " ".join(run.args)
+    assert f'run.out_dir="{tmp_path / "out"}"' in " ".join(run.args)
+    assert derived.args[1] == str(run.directory)
+    assert derived.args[derived.args.index("--out") + 1] == str(tmp_path / "out")
+    assert derived.args[derived.args.index("--data-dir") + 1] == str(tmp_path / "data")

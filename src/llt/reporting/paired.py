@@ -84,12 +84,13 @@ def dense_reference(group, groups) -> object | None:
 
 
 def paired_comparisons(groups) -> list[dict]:
-    """One entry per (group, comparison): {"group", "comparison", "against", metric: paired_difference or None}."""
+    """One entry per (group, comparison): {"group", "comparison", "kind" (dense, retrained, found or missing),
+    "against", metric: paired_difference or None}."""
     out = []
     for g in groups:
         d = dense_reference(g, groups)
         if d is not None:
-            out.append({"group": g, "comparison": "method - dense", "against": d.label,
+            out.append({"group": g, "comparison": "method - dense", "kind": "dense", "against": d.label,
                         **{key: paired_difference(values(g, key), values(d, key)) for key, _, _ in METRICS}})
         if is_control(g):
             refs = ticket_references(g, groups)
@@ -126,7 +127,7 @@ def paired_table(groups) -> list[str]:
           "| group | comparison | final SA difference (points) [95 % CI] | final forgetting difference (points) "
           "[95 % CI] | n | positive (SA / forgetting) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        missing = r.get("kind") == "missing"
+        missing = r["kind"] == "missing"
         sa, n, pos = fmt(r["final_sa"], missing)
         fg, _, fpos = fmt(r["final_forgetting"], missing)
         both = f"{pos} / {fpos}" if pos else ""
@@ -146,9 +147,9 @@ def paired_columns(groups) -> dict[str, dict]:
                 for f in ("mean", "ci_low", "ci_high", "n", "positive"):
                     cols[g.label][f"{prefix}_{key}_{f}"] = ""
     for r in paired_comparisons(groups):
-        if r.get("kind") == "missing":
+        if r["kind"] == "missing":
             continue
-        prefix = names[r.get("kind", "dense")]
+        prefix = names[r["kind"]]
         for key, _, _ in METRICS:
             d = r[key]
             if d is None:

@@ -303,10 +303,8 @@ def _plt():
 def _colors(ax, n: int) -> None:
     """A distinct colour per group: matplotlib's default cycle repeats after 10 (a study has more groups)."""
     if n > 10:
-        from cycler import cycler
-
         cmap = _plt().get_cmap("tab20")
-        ax.set_prop_cycle(cycler(color=[cmap(i % 20) for i in range(n)]))
+        ax.set_prop_cycle(color=[cmap(i % 20) for i in range(n)])
 
 
 def _save(fig, path: Path) -> Path:
