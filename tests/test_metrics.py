@@ -8,8 +8,8 @@ import torch
 from llt.data.augment import Normalizer
 from llt.data.stream import build_stream
 from llt.evaluation import accuracy
-from llt.metrics import (average_incremental_accuracy, backward_transfer, forgetting, per_class_accuracy,
-                         standard_accuracy, summarize)
+from llt.metrics import (average_incremental_accuracy, backward_transfer, forgetting, learning_accuracy,
+                         mean_learning_accuracy, per_class_accuracy, standard_accuracy, summarize)
 from llt.models import build_model
 
 R = [[90.0], [80.0, 70.0], [60.0, 50.0, 40.0]]
@@ -33,6 +33,18 @@ def test_forgetting_uses_the_best_earlier_accuracy():
 def test_backward_transfer():
     assert backward_transfer(R) == [None, -10.0, -25.0]
     assert backward_transfer([[50.0], [70.0, 90.0]])[1] == 20.0
+
+
+def test_learning_accuracy_is_the_diagonal_and_its_means():
+    # docs/metrics.md: LA = 90, 70, 40; over tasks 1..3 (90 + 70 + 40) / 3 = 66.67; over 2..3 (70 + 40) / 2 = 55
+    assert learning_accuracy(R) == [90.0, 70.0, 40.0]
+    assert mean_learning_accuracy(R) == pytest.approx(200.0 / 3)
+    assert mean_learning_accuracy(R, first=2) == 55.0
+    assert mean_learning_accuracy([[90.0]], first=2) is None           # one task: none learned incrementally
+    m = summarize(R)
+    assert (m["learning_accuracy"], m["mean_learning_accuracy_incremental"]) == ([90.0, 70.0, 40.0], 55.0)
+    # a task first unlearned, then learned once old, still counts as unlearned when it arrived
+    assert learning_accuracy([[85.0], [60.0, 0.0], [65.0, 50.0, 0.0]]) == [85.0, 0.0, 0.0]
 
 
 def test_square_matrix_with_nan_above_the_diagonal_is_accepted():

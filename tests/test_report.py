@@ -60,15 +60,21 @@ def test_report_writes_tables_and_figures_with_seed_statistics(runs, capsys):
     dense = [r for r in rows if r["group"].startswith("Dense")]
     assert dense[1]["sa_std"] == "0.0" and float(dense[1]["sa_mean"]) == 83.0
     md = (out / "report.md").read_text()
-    assert "77.50 +- 3.54" in md and "| T1~2 | 80.00 | 70.00 |" in md
+    half = 12.706204736174698 * statistics.stdev([75.0, 80.0]) / 2 ** 0.5     # the 95 % t interval, n = 2
+    # every +- is the interval's half-width, the per-task tables' too (learning accuracy of task 2: 70 and 76)
+    la_half = 12.706204736174698 * statistics.stdev([70.0, 76.0]) / 2 ** 0.5
+    assert f"| 2 | 77.50 +- {half:.2f} | 73.00 +- {la_half:.2f} |" in md and "| T1~2 | 80.00 | 70.00 |" in md
+    assert "| 1 | 95.00 +- n/a | 95.00 +- n/a | 100.00 +- n/a |" in md        # one seed: n/a, never +- 0
     # the comparison: one row per group after the last task, each value mean +- std, and the seed count
     [bu_c] = [r for r in csv.DictReader(open(out / "comparison.csv")) if r["group"].startswith("Bottom-Up")]
     assert float(bu_c["final_sa_mean"]) == pytest.approx(77.5) and float(bu_c["final_sa_std"]) == pytest.approx(3.5355, abs=1e-4)
     assert float(bu_c["final_forgetting_mean"]) == 10.0 and float(bu_c["final_forgetting_std"]) == 0.0
     assert bu_c["n_seeds"] == "2"
     assert md.index("## Comparison") < md.index("## Bottom-Up")
-    half = 12.706204736174698 * statistics.stdev([75.0, 80.0]) / 2 ** 0.5     # the 95 % t interval, n = 2
-    assert f"| 77.50 +- {half:.2f} | 10.00 +- 0.00 | {100 * m2.density():.2f} +- 0.00 | 2 |" in md
+    la_all = 12.706204736174698 * statistics.stdev([80.0, 85.0]) / 2 ** 0.5   # (90 + 70) / 2, (94 + 76) / 2
+    assert (f"| 77.50 +- {half:.2f} | 73.00 +- {la_half:.2f} | 82.50 +- {la_all:.2f} | 10.00 +- 0.00 | "
+            f"{100 * m2.density():.2f} +- 0.00 | 2 |") in md
+    assert float(bu_c["learning_accuracy_incremental_mean"]) == 73.0 and float(bu_c["learning_accuracy_mean"]) == 82.5
 
 
 def test_mask_overlap_is_intersection_over_union(runs):
@@ -180,19 +186,19 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
             if line.startswith("| ") and "---" not in line and "group" not in line}
     half = 4.302652729911275 * statistics.stdev([5.0, -2.0, 6.0]) / 3 ** 0.5            # t_{0.975, 2} = 4.3027
     [bu_row] = [v for k, v in rows.items() if k.startswith("| Bottom-Up (cifar10, 21.00 %)") and "dense" in k]
-    assert f"+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]" in bu_row and "| 3 | 2 of 3 / 1 of 3 |" in bu_row
+    assert f"+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]" in bu_row and "| 3 | 2 of 3 / 2 of 3 / 1 of 3 |" in bu_row
     [rand_row] = [v for k, v in rows.items() if "random mask, original init" in k and "(TR-BU tickets)" in k]
     half2 = 12.706204736174698 * statistics.stdev([7.0, 9.0]) / 2 ** 0.5
-    assert f"+8.00 [{8 - half2:+.2f}, {8 + half2:+.2f}]" in rand_row and "| 2 | 2 of 2 / 0 of 2 |" in rand_row
+    assert f"+8.00 [{8 - half2:+.2f}, {8 + half2:+.2f}]" in rand_row and "| 2 | 2 of 2 / 2 of 2 / 0 of 2 |" in rand_row
     [found_row] = [v for k, v in rows.items() if "random mask, original init" in k and "tickets as found" in k]
     half3 = 12.706204736174698 * statistics.stdev([5.0, 6.0]) / 2 ** 0.5      # Bottom-Up as found: 55-50, 58-52
-    assert f"+5.50 [{5.5 - half3:+.2f}, {5.5 + half3:+.2f}]" in found_row and "| 2 | 2 of 2 / 0 of 2 |" in found_row
+    assert f"+5.50 [{5.5 - half3:+.2f}, {5.5 + half3:+.2f}]" in found_row and "| 2 | 2 of 2 / 2 of 2 / 0 of 2 |" in found_row
     [one] = [v for k, v in rows.items() if "ticket, random init" in k and "(TR-BU tickets)" in k]
-    assert "+17.00 n/a" in one and "| 1 | 1 of 1 / 0 of 1 |" in one and "+- 0" not in one
+    assert "+17.00 n/a" in one and "| 1 | 1 of 1 / 1 of 1 / 0 of 1 |" in one and "+- 0" not in one
     [one_found] = [v for k, v in rows.items() if "ticket, random init" in k and "tickets as found" in k]
-    assert "+15.00 n/a" in one_found and "| 1 | 1 of 1 / 0 of 1 |" in one_found
+    assert "+15.00 n/a" in one_found and "| 1 | 1 of 1 / 1 of 1 / 0 of 1 |" in one_found
     [lost] = [v for k, v in rows.items() if "layerwise-random" in k and "ticket - control" in v]
-    assert "not in this report" in lost and "| n/a | n/a | 0 |" in lost and "no shared seed" not in lost
+    assert "not in this report" in lost and "| n/a | n/a | n/a | 0 |" in lost and "no shared seed" not in lost
     assert "ticket, reference init" in md and not [k for k in rows if "reference init" in k and "ticket - control" in k]
     # the comparison: mean +- the interval's half-width; n/a for one seed
     comp = md[md.index("## Comparison"):md.index("## Dense")]

@@ -167,7 +167,7 @@ def test_mask_keeps_pruned_weights_at_zero():
 
 def test_non_finite_loss_names_task_and_epoch(monkeypatch):
     real = Trainer.first_task_loss
-    monkeypatch.setattr(Trainer, "first_task_loss", lambda self, x, y: real(self, x, y) * float("nan"))
+    monkeypatch.setattr(Trainer, "first_task_loss", lambda self, x, y, *a: real(self, x, y, *a) * float("nan"))
     model = make(0)
     trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
     with pytest.raises(NonFiniteLoss, match="the loss became nan in task 1, epoch 1"):

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import yaml
 
 from llt.errors import LLTError
-from llt.registry import RUN_METHODS, check_config
+from llt.subbatches import empty_sub_batch
+from llt.registry import REGISTRY, RUN_METHODS, check_config
 from llt.presets import load_preset_tree
 
 
@@ -32,6 +33,8 @@ def _f(default, help: str, choices: tuple[str, ...] | None = None):
 
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "array")
+BATCHNORM_GROUPS = ("original", "balanced", "labelled", "joint")
+BN_RUNNING = ("auto", "original", "once", "labelled")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,18 @@ class TrainSection:
                      "validation images; the current task's only for methods without old data), or 'last'",
                      ("best", "last"))
     compile: bool = _f(True, "torch.compile forward, loss and backward on CUDA (ignored on CPU, where compiling costs more than it saves)")
+    batchnorm: str = _f("balanced", "how the lottery loop's fused step (tasks >= 2) groups its sub-batches for BatchNorm's "
+                        "batch statistics: 'original': each sub-batch alone (random, new, old, unlabeled), as the original's "
+                        "five forward passes; 'balanced' (default): the class-balanced batch (new and old images) together, the random "
+                        "and unlabeled sub-batches alone; 'labelled': random, new and old together, unlabeled alone; "
+                        "'joint': all four together (docs/training.md)", BATCHNORM_GROUPS)
+    bn_running: str = _f("auto", "which sub-batches update BatchNorm's running statistics in the fused step: 'original': "
+                         "each group as often as the original's passes over it (unlabeled twice, task 1 twice); 'once': "
+                         "each group once per step; 'labelled': each group without pool images once, the pool never; "
+                         "'auto': original under train.batchnorm=original, else labelled", BN_RUNNING)
+    bn_recalibrate: bool = _f(False, "re-estimate BatchNorm's running statistics on the clean (unaugmented) training "
+                              "images and exemplars of the seen classes before every validation of the lottery loop, so "
+                              "that the kept state and every evaluation use them (measured: no gain, docs/training.md)")
 
 
 @dataclass(frozen=True)
@@ -326,6 +341,10 @@ def validate(cfg: RunConfig) -> None:
         n_tasks = check_task_split(n_cls, d.classes_per_task, d.num_tasks)
         if d.class_order is not None:
             check_class_order(d.class_order, n_cls)
+        if REGISTRY[cfg.run.method].fused:
+            why = empty_sub_batch(t.batch_size, n_tasks, d.exemplars_per_class > 0)
+            if why:
+                raise LLTError(why)
         sched = p.td_rounds if p.td_rounds is not None else p.td_densities
         if cfg.run.method == "td" and sched is not None and len(sched) != n_tasks:
             key = "prune.td_rounds" if p.td_rounds is not None else "prune.td_densities"
@@ -335,6 +354,9 @@ def validate(cfg: RunConfig) -> None:
     _need(m.stem_stride in (0, 1, 2), "model.stem_stride", "must be 0 (auto), 1 or 2")
     _need(t.epochs >= 1, "train.epochs", "must be at least 1")
     _need(t.batch_size >= 4, "train.batch_size", "must be at least 4 (later tasks use batch_size // 4)")
+    _need(not (t.batchnorm == "joint" and batchnorm_setup(t)[1] == "labelled"), "train.bn_running",
+          "labelled updates no group that holds pool images, and train.batchnorm=joint puts every sub-batch in one "
+          "group: the running statistics would never change (choose once or original)")
     _need(t.eval_batch_size >= 0, "train.eval_batch_size", "must be 0 (automatic) or a positive batch size")
     _need(t.lr > 0, "train.lr", "must be positive")
     _need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
@@ -367,6 +389,14 @@ def validate(cfg: RunConfig) -> None:
     _need(b.icarl_temperature > 0, "baseline.icarl_temperature", f"must be positive, got {b.icarl_temperature}")
     for key, msg in check_config(cfg):
         raise LLTError(f"{key}: {msg}")
+
+
+def batchnorm_setup(t: TrainSection) -> tuple[str, str, bool]:
+    """train.batchnorm, bn_running and bn_recalibrate with 'auto' resolved: (groups, running, recalibrate).
+    Under batchnorm=original, auto gives the original's numerics (every pass updates the running statistics)."""
+    original = t.batchnorm == "original"
+    running = t.bn_running if t.bn_running != "auto" else ("original" if original else "labelled")
+    return t.batchnorm, running, t.bn_recalibrate
 
 
 def check_task_split(num_classes: int, classes_per_task: int, num_tasks: int) -> int:

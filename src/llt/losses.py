@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llt.subbatches import balanced_sizes  # noqa: F401  (part of this module's interface)
+
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """KD(s, t) = T^2 * mean_batch( -sum_c softmax(t/T)_c * log_softmax(s/T)_c ) (the original's loss_fn_kd).
@@ -15,12 +17,6 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     t = temperature
     soft = F.softmax(teacher.float() / t, dim=1)
     return -(soft * F.log_softmax(student.float() / t, dim=1)).sum(1).mean() * (t * t)
-
-
-def balanced_sizes(sub_batch: int, num_old_tasks: int) -> tuple[int, int]:
-    """Sizes of the new- and old-class parts of the balanced batch: int(b/(k+1)), int(b*k/(k+1))."""
-    k = num_old_tasks
-    return sub_batch // (k + 1), sub_batch * k // (k + 1)
 
 
 def balanced_coefficients(sub_batch: int, num_old_tasks: int) -> tuple[float, float]:

@@ -57,6 +57,19 @@ def backward_transfer(R: Matrix) -> list[float | None]:
     return out
 
 
+def learning_accuracy(R: Matrix) -> list[float]:
+    """LA_t = R[t][t]: the accuracy on each task right after learning it (the matrix's diagonal)."""
+    return [row[t] for t, row in enumerate(_rows(R))]
+
+
+def mean_learning_accuracy(R: Matrix, first: int = 1) -> float | None:
+    """The mean of R[t][t] over tasks first..T (1-based): first = 1 is the literature's learning accuracy
+    (Riemer et al., 2019), first = 2 the tasks learned incrementally (beside old classes); None when the
+    matrix has no such task."""
+    la = learning_accuracy(R)[first - 1:]
+    return sum(la) / len(la) if la else None
+
+
 def per_class_accuracy(predictions: Sequence[int], labels: Sequence[int], num_classes: int) -> list[float | None]:
     """Percent of each class's images predicted correctly; None for classes without images."""
     hit = [0] * num_classes
@@ -74,6 +87,9 @@ def summarize(R: Matrix) -> dict:
         "average_incremental_accuracy": average_incremental_accuracy(R),
         "forgetting": forgetting(R),
         "backward_transfer": backward_transfer(R),
+        "learning_accuracy": learning_accuracy(R),
+        "mean_learning_accuracy": mean_learning_accuracy(R, 1),
+        "mean_learning_accuracy_incremental": mean_learning_accuracy(R, 2),
     }
 
 

@@ -33,6 +33,7 @@ class Method:
     source: str = ""          # retrained: the ticket method whose masks it re-trains
     retrains: bool = False    # with prune.retrain_after, its tickets are re-trained from theta_0 after it (TR-BU)
     keeps_reference: bool = False   # keeps a dense reference per task (`llt retrain --init reference` needs one)
+    fused: bool = False       # trains with the lottery loop's fused step (balanced batch, lottery teaching)
 
     @property
     def runnable(self) -> bool:
@@ -51,12 +52,12 @@ class Method:
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("stream", "Stream", "stream", "llt.methods.driver:describe_stream"),
-    Method("cil", "Dense", "dense", "llt.methods.dense:DenseCIL.run", memory=True),
-    Method("td", "Top-Down", "ticket", "llt.methods.topdown:run_topdown", memory=True),
+    Method("cil", "Dense", "dense", "llt.methods.dense:DenseCIL.run", memory=True, fused=True),
+    Method("td", "Top-Down", "ticket", "llt.methods.topdown:run_topdown", memory=True, fused=True),
     Method("bu", "Bottom-Up", "ticket", "llt.methods.bottomup:run_bottomup", memory=True, retrains=True,
-           keeps_reference=True),
-    Method("trtd", "TR-TD", "retrained", memory=True, source="td"),
-    Method("trbu", "TR-BU", "retrained", memory=True, source="bu"),
+           keeps_reference=True, fused=True),
+    Method("trtd", "TR-TD", "retrained", memory=True, source="td", fused=True),
+    Method("trbu", "TR-BU", "retrained", memory=True, source="bu", fused=True),
     Method("finetune", "Fine-tune", "baseline", "llt.methods.finetune:Finetune.run"),
     Method("joint", "Joint", "baseline", "llt.methods.joint:Joint.run", old_data=True),
     Method("replay", "Replay", "baseline", "llt.methods.replay:Replay.run", memory=True),
@@ -126,6 +127,12 @@ def check_config(cfg) -> list[tuple[str, str]]:
         out.append(("baseline.replay_batching", f"applies to the baselines that replay a memory "
                                                 f"({', '.join(n for n in BASELINES if REGISTRY[n].memory)}), not "
                                                 f"to run.method={m.name}"))
+    t = cfg.train
+    bn = ("batchnorm", "bn_running", "bn_recalibrate")
+    if not m.fused and m.family != "stream" and any(getattr(t, f) != getattr(type(t)(), f) for f in bn):
+        out.append(("train.batchnorm", f"train.batchnorm, bn_running and bn_recalibrate apply to the lottery loop's fused "
+                                       f"step ({', '.join(n for n, x in REGISTRY.items() if x.fused and x.runnable)}), "
+                                       f"not to run.method={m.name}, which normalises each batch as one"))
     return out
 
 

@@ -311,7 +311,9 @@ def build_summary(method: str, dataset: str, seed: int, accuracy_matrix, densiti
             "remaining_weights": [100.0 * float(d) for d in densities],
             "forgetting": m["forgetting"], "average_incremental_accuracy": m["average_incremental_accuracy"],
             "backward_transfer": m["backward_transfer"], "final_sa": m["sa"][-1],
-            "final_forgetting": m["forgetting"][-1], **extra}
+            "final_forgetting": m["forgetting"][-1], "learning_accuracy": m["learning_accuracy"],
+            "mean_learning_accuracy": m["mean_learning_accuracy"],
+            "mean_learning_accuracy_incremental": m["mean_learning_accuracy_incremental"], **extra}
 
 
 def check_summary(obj, source: str) -> dict:
@@ -325,4 +327,11 @@ def check_summary(obj, source: str) -> dict:
     if not isinstance(R, list) or len(R) != obj["num_tasks"] or any(
             not isinstance(row, list) or len(row) != t + 1 for t, row in enumerate(R)):
         raise LLTError(f"{source}: accuracy_matrix must have num_tasks rows, row t holding t+1 values")
+    if "learning_accuracy" not in obj:       # written before learning accuracy was recorded: derived from R
+        try:
+            m = summarize(R)
+        except (TypeError, ValueError) as e:
+            raise LLTError(f"{source}: accuracy_matrix must hold numbers ({e})") from None
+        obj = {**obj, **{k: m[k] for k in ("learning_accuracy", "mean_learning_accuracy",
+                                           "mean_learning_accuracy_incremental")}}
     return obj

@@ -83,6 +83,9 @@ class Schedule:
     batch_size: int = 256
     temperature: float = 2.0
     select: str = "best"            # the epoch a training keeps: "best" by validation accuracy, or "last"
+    batchnorm: str = "original"     # the fused step's BatchNorm groups (BN_GROUPS; train.batchnorm)
+    bn_running: str = "original"    # which groups update the running statistics (train.bn_running, resolved)
+    bn_recalibrate: bool = False    # re-estimate the running statistics on clean images before each validation
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,41 @@ class Recipe:
     penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None
     ce_offset: int = 0
     batching: str = "concat"
+
+
+# The fused step's sub-batches, in batch order: random (aux branch), balanced new, balanced old, unlabeled. Each
+# BatchNorm mode lists the groups that are normalised together (one segment of SegmentBatchNorm2d each).
+SUB_BATCHES = ("random", "new", "old", "unlabeled")
+BN_GROUPS = {
+    "original": ((0,), (1,), (2,), (3,)),   # each sub-batch alone: the original's five forward passes
+    "balanced": ((0,), (1, 2), (3,)),       # the class-balanced batch (new + old) as one batch
+    "labelled": ((0, 1, 2), (3,)),          # every labelled image together, the pool's alone
+    "joint": ((0, 1, 2, 3),),               # one batch
+}
+ORIGINAL_PASSES = (1, 1, 1, 2)              # the original's forward passes over each sub-batch (the pool: both branches)
+
+
+def bn_segments(groups: str, running: str, sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The (size, running-statistics updates) segments of a fused batch of sub-batches `sizes` (SUB_BATCHES).
+
+    running "original": a group is updated as often as the original passes over its sub-batches (each time
+    with the group's statistics); "once": each group once; "labelled": each group once unless it holds pool
+    images, which never update the running statistics. Empty groups are left out."""
+    out = []
+    for group in BN_GROUPS[groups]:
+        size = sum(sizes[i] for i in group)
+        if size == 0:
+            continue
+        if running == "original":
+            updates = sum(ORIGINAL_PASSES[i] for i in group if sizes[i])
+        elif running == "once":
+            updates = 1
+        elif running == "labelled":
+            updates = 0 if 3 in group and sizes[3] else 1
+        else:
+            raise ValueError(f"bn_running must be original, once or labelled, got {running!r}")
+        out.append((size, updates))
+    return tuple(out)
 
 
 def learning_rate(s: Schedule, epoch: int) -> float:
@@ -182,18 +220,22 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
-    def first_task_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """CE of both branches on one batch; one backbone pass standing for the original's two."""
+    def first_task_loss(self, x: torch.Tensor, y: torch.Tensor, updates: int = 2) -> torch.Tensor:
+        """CE of both branches on one batch; one backbone pass standing for the original's two (which update
+        the running statistics twice; `updates` says how often)."""
         with self._autocast():
-            f = self.model.features(x, segments=((x.shape[0], 2),))
+            f = self.model.features(x, segments=((x.shape[0], updates),))
             return (F.cross_entropy(self.model.head_logits(f, 1, "main").float(), y)
                     + F.cross_entropy(self.model.head_logits(f, 1, "aux").float(), y))
 
     def distill_loss(self, k: int, x: torch.Tensor, sizes: tuple[int, int, int, int], y_rand: torch.Tensor,
                      y_new: torch.Tensor, y_old: torch.Tensor, t_main: torch.Tensor | None, t_aux: torch.Tensor | None,
-                     coefs: tuple[float, float], temperature: float) -> torch.Tensor:
-        """The five-term loss of task k+1 (k old tasks) on a concatenated batch [rand, new, old, unlabeled]."""
-        segments = tuple((n, 2 if i == 3 else 1) for i, n in enumerate(sizes) if n > 0)
+                     coefs: tuple[float, float], temperature: float,
+                     segments: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+        """The five-term loss of task k+1 (k old tasks) on a concatenated batch [rand, new, old, unlabeled].
+        `segments` (bn_segments) groups the sub-batches for BatchNorm; None: the original's, one per sub-batch."""
+        if segments is None:
+            segments = bn_segments("original", "original", sizes)
         m = self.model
         with self._autocast():
             f = m.features(x, segments=segments)
@@ -263,7 +305,7 @@ class Trainer:
         for i in range(0, perm.numel(), s.batch_size):
             idx = data.new_idx[perm[i:i + s.batch_size]]
             x = self.norm(crop_flip(data.images[idx], self.gen))
-            loss = self._first_loss(x, data.labels[idx])
+            loss = self._first_loss(x, data.labels[idx], 2 if s.bn_running == "original" else 1)
             self._step(opt, loss)
             total += loss.detach()
             steps += 1
@@ -330,11 +372,39 @@ class Trainer:
             images["unlabeled"] += sizes[3]
             x = self.norm(torch.cat(parts))
             loss = self._distill_loss(k, x, sizes, data.labels[r_idx], data.labels[n_idx], data.labels[o_idx],
-                                     t_main, t_aux, coefs, s.temperature)
+                                     t_main, t_aux, coefs, s.temperature,
+                                     bn_segments(s.batchnorm, s.bn_running, sizes))
             self._step(opt, loss)
             total += loss.detach()
             steps += 1
         return total, steps, images
+
+    @torch.no_grad()
+    def recalibrate(self, data: TaskData, k: int) -> None:
+        """Re-estimate every BatchNorm's running statistics on the clean (unaugmented) training images of task
+        k+1 and the exemplars of the old classes: the mean of per-batch statistics over batches of
+        eval_batch_size in a fixed shuffled order (a generator of its own, so the training's random stream is
+        untouched), as if the running average had seen only them. The model is left in train mode."""
+        idx = torch.cat([data.new_idx, data.memory_idx])
+        order = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(1_000_003 + k))
+        idx = idx[order.to(idx.device)]
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        tracked = [m.num_batches_tracked.clone() for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None           # a cumulative average over the batches below
+        self.model.train()
+        # batches of equal size (the last one joins the one before) so that each image weighs the same
+        n_batches = max(1, idx.numel() // self.eval_batch_size)
+        try:
+            for part in idx.tensor_split(n_batches):
+                with self._autocast():
+                    self.model.features(self.norm(data.images[part]))
+        finally:
+            for m, mom, nbt in zip(bns, momenta, tracked):
+                m.momentum = mom
+                m.num_batches_tracked.copy_(nbt)
 
     def validate(self, data: TaskData, num_heads: int) -> dict:
         """Accuracy on data.val_idx over heads 1..num_heads, what selects the best epoch: {"overall": percent,
@@ -371,6 +441,9 @@ class Trainer:
         cyclers = {}
         if k > 0 and recipe is None:
             n_new, n_old = balanced_sizes(s.batch_size // 4, k)
+            if n_new == 0 or (data.memory_idx.numel() and n_old == 0):
+                raise LLTError(f"task {k + 1}: the balanced batch of {s.batch_size // 4} images would hold {n_new} new "
+                               f"and {n_old} old images; raise train.batch_size")
             cyclers["new"] = Cycler(data.new_idx, n_new, self.gen)
             if data.memory_idx.numel() and n_old:
                 cyclers["old"] = Cycler(data.memory_idx, n_old, self.gen)
@@ -409,6 +482,8 @@ class Trainer:
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {loss} in task {k + 1}, epoch {epoch}; stopping "
                                     f"(the checkpoints of finished tasks are kept)")
+            if s.bn_recalibrate and recipe is None:
+                self.recalibrate(data, k)
             ev = self.validate(data, k + 1)
             val = ev["overall"]
             if val > best_val or s.select == "last":

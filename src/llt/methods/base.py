@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from llt.checkpointing import EpochCheckpoint, fingerprint_mask, fingerprint_tensor
+from llt.config import batchnorm_setup
 from llt.console import Progress, format_matrix
 from llt.context import Context, load_model_state
 from llt.data.augment import make_generator
@@ -124,7 +125,8 @@ class Engine:
         return Schedule(epochs=t.epochs if epochs is None else epochs, lr=t.lr if lr is None else lr,
                         milestones=t.milestones if milestones is None else milestones, gamma=t.gamma,
                         momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size,
-                        temperature=self.cfg.teaching.temperature, select=t.select)
+                        temperature=self.cfg.teaching.temperature, select=t.select,
+                        **dict(zip(("batchnorm", "bn_running", "bn_recalibrate"), batchnorm_setup(t))))
 
     def steps_per_epoch(self, t: int, batch_size: int) -> int:
         """The optimisation budget of an epoch of task t (0-based), the same for every method of one config:

@@ -16,6 +16,7 @@ from llt.console import format_comparison, format_stream_table
 from llt.context import Context, check_format, load_model_state, open_run, prepare, resolve_device
 from llt.errors import LLTError
 from llt.evaluation import accuracy
+from llt.subbatches import empty_sub_batch
 from llt.registry import REGISTRY, TICKET_SEARCHES
 from llt.methods.retrain import run_retrain
 from llt.models import remaining_weights
@@ -93,6 +94,10 @@ def _run_method(ctx: Context, t0: float, progress: str) -> None:
           f"class order {list(stream.class_order)}, seed {cfg.run.seed}, device {ctx.device} (loaded in {load_s:.2f} s)")
     ctx.load_seconds = load_s
     method = REGISTRY[cfg.run.method]
+    if method.fused:        # the data decide the number of tasks of an image array only now
+        why = empty_sub_batch(cfg.train.batch_size, stream.num_tasks, stream.exemplars_per_class > 0)
+        if why:
+            raise LLTError(why)
     summary = method.runner()(ctx, progress)
     if method.retrains and cfg.prune.retrain_after:
         print("re-training the tickets from the original initialisation (TR-BU)")

@@ -19,7 +19,8 @@ from pathlib import Path
 from llt.metrics import paired_difference
 from llt.registry import REGISTRY
 
-METRICS = (("final_sa", "final SA", "points"), ("final_forgetting", "final forgetting", "points"))
+METRICS = (("final_sa", "final SA", "points"), ("mean_learning_accuracy_incremental", "learning accuracy, tasks 2..T",
+                                                   "points"), ("final_forgetting", "final forgetting", "points"))
 STREAM_FIELDS = ("dataset", "num_tasks", "classes_per_task", "class_order", "train_per_class", "val_per_class",
                  "val_fraction")
 
@@ -123,15 +124,19 @@ def paired_table(groups) -> list[str]:
           "from theta_0 (TR-BU / TR-TD, trained exactly as the control is) and the ticket run as found. "
           "Mean difference with its 95 % confidence interval (Student t over the seeds' differences, n - 1 "
           "degrees of freedom; n/a for one seed), n seeds, and on how many seeds the difference was positive "
-          "(final SA / final forgetting: a positive forgetting difference means the first forgets more).", "",
-          "| group | comparison | final SA difference (points) [95 % CI] | final forgetting difference (points) "
-          "[95 % CI] | n | positive (SA / forgetting) |", "| --- | --- | --- | --- | --- | --- |"]
+          "(final SA / learning accuracy / final forgetting: a positive forgetting difference means the first "
+          "forgets more). Learning accuracy: the mean over tasks 2..T of each task's accuracy right after "
+          "learning it.", "",
+          "| group | comparison | final SA difference (points) [95 % CI] | learning accuracy difference, tasks 2..T "
+          "(points) [95 % CI] | final forgetting difference (points) [95 % CI] | n | positive (SA / LA / forgetting) |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         missing = r["kind"] == "missing"
         sa, n, pos = fmt(r["final_sa"], missing)
+        la, _, lpos = fmt(r["mean_learning_accuracy_incremental"], missing)
         fg, _, fpos = fmt(r["final_forgetting"], missing)
-        both = f"{pos} / {fpos}" if pos else ""
-        md.append(f"| {r['group'].label} | {r['comparison']} ({r['against']}) | {sa} | {fg} | {n} | {both} |")
+        both = f"{pos} / {lpos} / {fpos}" if pos else ""
+        md.append(f"| {r['group'].label} | {r['comparison']} ({r['against']}) | {sa} | {la} | {fg} | {n} | {both} |")
     return md + [""]
 
 

@@ -119,6 +119,23 @@ class Group:
             out.append(mean_std(vals) if vals else (math.nan, math.nan))
         return out
 
+    def task_values(self, key: str, t: int) -> list[float]:
+        """The seeds' values of the per-task list `key` at task t (0-based; -1: the last), None left out."""
+        return [r.summary[key][t] for r in self.runs if r.summary[key][t] is not None]
+
+    def scalar_values(self, key: str) -> list[float]:
+        """The seeds' values of the scalar summary field `key` (None left out)."""
+        return [r.summary[key] for r in self.runs if r.summary.get(key) is not None]
+
+
+def pm(values: list[float]) -> str:
+    """A report cell: the mean over seeds +- the half-width of its 95 % Student-t interval ("+- n/a" for one
+    seed; empty for none). The one convention of every "+-" in report.md."""
+    if not values:
+        return ""
+    ci = mean_interval(values)
+    return f"{ci['mean']:.2f} +- " + ("n/a" if ci["half"] is None else f"{ci['half']:.2f}")
+
 
 def _flat(tree: dict) -> dict:
     return {f"{sec}.{k}": json.dumps(v) for sec, vals in tree.items() if isinstance(vals, dict) for k, v in vals.items()}
@@ -160,16 +177,22 @@ def make_groups(runs: list[Run]) -> list[Group]:
 
 def write_tables(groups: list[Group], out: Path) -> None:
     rows = []
-    md = ["# llt report", ""]
+    md = ["# llt report", "", "Every \"a +- b\" below is the mean over seeds and the half-width of its 95 % "
+          "confidence interval (Student t, n - 1 degrees of freedom; n/a for one seed). Learning accuracy is the "
+          "test accuracy on a task right after it is learned (the accuracy matrix's diagonal; docs/metrics.md).", ""]
     for g in groups:
         sa, rw, fg = g.per_task("sa"), g.per_task("remaining_weights"), g.per_task("forgetting")
+        la = g.per_task("learning_accuracy")
         md += [f"## {g.label}", "", f"runs: {', '.join(r.name for r in g.runs)}; seeds: {g.seeds}", "",
-               "| after task | SA (%) | remaining weights (%) | forgetting (points) |", "| --- | --- | --- | --- |"]
-        for t, ((sm, ss), (rm, rs), (fm, fs)) in enumerate(zip(sa, rw, fg)):
-            pm = lambda m, s: "" if math.isnan(m) else (f"{m:.2f}" if len(g.runs) == 1 else f"{m:.2f} +- {s:.2f}")  # noqa: E731
-            md.append(f"| {t + 1} | {pm(sm, ss)} | {pm(rm, rs)} | {pm(fm, fs)} |")
+               "| after task | SA (%) | learning accuracy of this task (%) | remaining weights (%) | forgetting (points) |",
+               "| --- | --- | --- | --- | --- |"]
+        for t, ((sm, ss), (lm, ls), (rm, rs), (fm, fs)) in enumerate(zip(sa, la, rw, fg)):
+            md.append(f"| {t + 1} | " + " | ".join(pm(g.task_values(k, t)) for k in (
+                "sa", "learning_accuracy", "remaining_weights", "forgetting")) + " |")
             rows.append({"group": g.label, "seeds": " ".join(map(str, g.seeds)), "task": t + 1,
-                         "sa_mean": round(sm, 4), "sa_std": round(ss, 4), "remaining_mean": round(rm, 4),
+                         "sa_mean": round(sm, 4), "sa_std": round(ss, 4),
+                         "learning_accuracy_mean": round(lm, 4), "learning_accuracy_std": round(ls, 4),
+                         "remaining_mean": round(rm, 4),
                          "remaining_std": round(rs, 4), "forgetting_mean": "" if math.isnan(fm) else round(fm, 4),
                          "forgetting_std": "" if math.isnan(fs) else round(fs, 4)})
         for r in g.runs:
@@ -184,7 +207,7 @@ def write_tables(groups: list[Group], out: Path) -> None:
     md += paired_table(groups)
     md += budget_table(groups)
     head, compare = comparison(groups)
-    (out / "report.md").write_text("\n".join(md[:2] + head + md[2:]))
+    (out / "report.md").write_text("\n".join(md[:4] + head + md[4:]))
     for name, table in (("summary.csv", rows), ("comparison.csv", compare)):
         with open(out / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -192,28 +215,42 @@ def write_tables(groups: list[Group], out: Path) -> None:
             w.writerows(table)
 
 
+# The comparison's columns: (heading, comparison.csv prefix, the seeds' values of a group)
+FINAL_COLUMNS = (
+    ("final SA (%)", "final_sa", lambda g: g.task_values("sa", -1)),
+    ("learning accuracy, tasks 2..T (%)", "learning_accuracy_incremental",
+     lambda g: g.scalar_values("mean_learning_accuracy_incremental")),
+    ("learning accuracy, tasks 1..T (%)", "learning_accuracy", lambda g: g.scalar_values("mean_learning_accuracy")),
+    ("final forgetting (points)", "final_forgetting", lambda g: g.task_values("forgetting", -1)),
+    ("remaining weights (%)", "remaining", lambda g: g.task_values("remaining_weights", -1)),
+)
+
+
 def comparison(groups: list[Group]) -> tuple[list[str], list[dict]]:
-    """One line per group after its last task: final SA, final forgetting and remaining weights, each the mean
-    over its seeds +- the half-width of its 95 % Student-t confidence interval (n/a for one seed), and the
-    number of seeds (Markdown lines, CSV rows: mean, std, interval bounds, then the paired comparisons)."""
+    """One line per group after its last task: final SA, learning accuracy (the mean over tasks 2..T and over
+    1..T of each task's accuracy right after learning it), final forgetting and remaining weights, each the
+    mean over its seeds +- the half-width of its 95 % Student-t confidence interval (n/a for one seed), and
+    the number of seeds (Markdown lines, CSV rows: mean, std, interval bounds, then the paired comparisons)."""
     md = ["## Comparison", "", "After the last task; mean over seeds +- the half-width of its 95 % confidence "
-          "interval (Student t, n - 1 degrees of freedom; n/a for one seed).", "",
-          "| group | final SA (%) | final forgetting (points) | remaining weights (%) | seeds |",
-          "| --- | --- | --- | --- | --- |"]
+          "interval (Student t, n - 1 degrees of freedom; n/a for one seed). Learning accuracy: the mean test "
+          "accuracy of each task right after it is learned, over the tasks learned beside old classes (2..T) "
+          "and over all tasks (1..T, the literature's definition).", "",
+          "| group | " + " | ".join(h for h, _, _ in FINAL_COLUMNS) + " | seeds |",
+          "| --- |" + " --- |" * len(FINAL_COLUMNS) + " --- |"]
     rows = []
     paired = paired_columns(groups)
     for g in groups:
         row = {"group": g.label}
         cells = []
-        for key, col in (("sa", "final_sa"), ("forgetting", "final_forgetting"), ("remaining_weights", "remaining")):
-            m, sd = g.per_task(key)[-1]
-            vals = [r.summary[key][-1] for r in g.runs if r.summary[key][-1] is not None]
+        for _, col, get in FINAL_COLUMNS:
+            vals = get(g)
             ci = mean_interval(vals) if vals else None
-            row[f"{col}_mean"] = "" if math.isnan(m) else round(m, 4)
-            row[f"{col}_std"] = "" if math.isnan(sd) else round(sd, 4)
+            sd = mean_std(vals)[1] if vals else None
+            row[f"{col}_mean"] = "" if ci is None else round(ci["mean"], 4)
+            row[f"{col}_std"] = "" if sd is None else round(sd, 4)
             row[f"{col}_ci_low"] = "" if ci is None or ci["low"] is None else round(ci["low"], 4)
             row[f"{col}_ci_high"] = "" if ci is None or ci["high"] is None else round(ci["high"], 4)
-            cells.append("" if ci is None else f"{m:.2f} +- " + ("n/a" if ci["half"] is None else f"{ci['half']:.2f}"))
+            cells.append(pm(vals))
         row["n_seeds"] = len(g.runs)
         budget = group_budget(g)
         row["steps_per_epoch"] = " ".join(map(str, budget["steps_per_epoch"])) if budget else ""
@@ -275,15 +312,14 @@ def controls_table(groups: list[Group]) -> list[str]:
     md = ["## Lottery controls", "",
           "Each ticket search, and the re-trainings of its masks in isolation (TR-BU / TR-TD with the tickets; the "
           "controls with random masks of the tickets' exact counts, or a random initialisation). Final values "
-          "after the last task; mean +- std over seeds.", "",
-          "| tickets | masks, initialisation | dataset | final SA (%) | final forgetting (points) | remaining weights (%) | seeds |",
-          "| --- | --- | --- | --- | --- | --- | --- |"]
+          "after the last task; mean +- the half-width of the 95 % confidence interval over seeds.", "",
+          "| tickets | masks, initialisation | dataset | final SA (%) | learning accuracy, tasks 2..T (%) | "
+          "final forgetting (points) | remaining weights (%) | seeds |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in ticket:
         s = g.runs[0].summary
-        cells = []
-        for key in ("sa", "forgetting", "remaining_weights"):
-            m, sd = g.per_task(key)[-1]
-            cells.append("" if math.isnan(m) else (f"{m:.2f}" if len(g.runs) == 1 else f"{m:.2f} +- {sd:.2f}"))
+        cells = [pm(g.task_values("sa", -1)), pm(g.scalar_values("mean_learning_accuracy_incremental")),
+                 pm(g.task_values("forgetting", -1)), pm(g.task_values("remaining_weights", -1))]
         md.append(f"| {label(search_of(s['method']))} | {variant(s)} | {s['dataset']} | " + " | ".join(cells)
                   + f" | {len(g.runs)} |")
     return md + [""]
