@@ -172,3 +172,70 @@ def test_ten_task_cifar100_stream_at_the_smallest_accepted_batch_has_no_nan(tmp_
     losses = [e["loss"] for r in records if r.get("event") == "task" for e in r["epochs"]]
     assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
     assert len(s["learning_accuracy"]) == 10
+
+
+def test_a_run_written_before_train_batchnorm_existed_continues_with_the_original_numerics(tmp_path):
+    """`llt resume` and `llt retrain` read a run's config from its manifest: one without train.batchnorm was
+    trained with the original's BatchNorm, and must go on with it, not with today's default."""
+    import json
+
+    from llt.config import RunConfig, to_tree
+    from llt.context import open_run
+
+    tree = to_tree(RunConfig())
+    for key in ("batchnorm", "bn_running", "bn_recalibrate"):
+        del tree["train"][key]
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": tree}))
+    cfg, _ = open_run(str(tmp_path))
+    assert batchnorm_setup(cfg.train) == ("original", "original", False)
+    tree["train"]["batchnorm"] = "balanced"                  # a run of this version keeps its own setting
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": tree}))
+    assert batchnorm_setup(open_run(str(tmp_path))[0].train) == ("balanced", "labelled", False)
+
+
+def test_with_recalibration_the_kept_state_holds_the_recalibrated_statistics():
+    from test_trainer import tiny_task_data
+
+    from llt.data.augment import make_generator
+    from llt.trainer import Schedule
+
+    model = make(0)
+    trainer = Trainer(model, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
+    data = tiny_task_data(1)
+    res = trainer.fit_task(1, data, Schedule(epochs=2, lr=0.05, batch_size=16, select="last", bn_recalibrate=True),
+                           make_generator(0, "cpu"))
+    model.load_state_dict(res.last_state)
+    trainer.recalibrate(data, 1)                     # the same weights, images and order: the same statistics
+    for name, b in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.allclose(b, res.last_state[name], atol=1e-6), name
+    without = Trainer(make(0), Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")).fit_task(
+        1, data, Schedule(epochs=2, lr=0.05, batch_size=16, select="last"), make_generator(0, "cpu"))
+    name = "layer1.0.bn1.running_mean"
+    assert not torch.allclose(without.last_state[name], res.last_state[name])   # it did change something
+
+
+@pytest.mark.parametrize("override, expect", [([], ("balanced", "labelled", False)),
+                                               (["train.batchnorm=original"], ("original", "original", False)),
+                                               (["train.batchnorm=joint", "train.bn_recalibrate=true"],
+                                                ("joint", "once", True))])
+def test_every_training_of_a_run_gets_the_configured_batchnorm(tmp_path, monkeypatch, override, expect):
+    seen = []
+    real = Trainer.fit_task
+
+    def spy(self, k, data, s, *a, **kw):
+        seen.append((s.batchnorm, s.bn_running, s.bn_recalibrate))
+        return real(self, k, data, s, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "fit_task", spy)
+    args = ["run", "--preset", "demo", "--out", str(tmp_path), "--quiet", "--set", "run.method=cil",
+            "--set", "model.width=2", "--set", "train.epochs=1", "--set", "train.milestones=[1]",
+            "--set", "data.num_tasks=2", "--set", "run.checkpoint_every=0"]
+    assert main(args + sum((["--set", o] for o in override), [])) == 0
+    assert seen == [expect, expect]
+
+
+def test_joint_with_labelled_running_statistics_is_refused_only_when_the_pool_is_in_the_batch():
+    with pytest.raises(LLTError, match="train.bn_running: labelled updates no group that holds pool images"):
+        load_config("demo", ["train.batchnorm=joint", "train.bn_running=labelled"])
+    load_config("demo", ["train.batchnorm=joint", "train.bn_running=labelled", "teaching.enabled=false"])

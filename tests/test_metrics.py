@@ -41,6 +41,11 @@ def test_learning_accuracy_is_the_diagonal_and_its_means():
     assert mean_learning_accuracy(R) == pytest.approx(200.0 / 3)
     assert mean_learning_accuracy(R, first=2) == 55.0
     assert mean_learning_accuracy([[90.0]], first=2) is None           # one task: none learned incrementally
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    assert (f"LA = (90 + 70 + 40) / 3 = {mean_learning_accuracy(R):.2f}; "
+            f"LA' = (70 + 40) / 2 = {mean_learning_accuracy(R, first=2):g}.") in doc
     m = summarize(R)
     assert (m["learning_accuracy"], m["mean_learning_accuracy_incremental"]) == ([90.0, 70.0, 40.0], 55.0)
     # a task first unlearned, then learned once old, still counts as unlearned when it arrived

@@ -215,14 +215,16 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
     assert float(r1["found_minus_final_sa_mean"]) == 15.0 and r1["found_minus_final_sa_n"] == "1"
 
 
-def test_the_committed_medium_study_report_is_what_its_committed_summaries_give(tmp_path):
-    """results/cifar10-medium holds the study's summaries and the report docs/results.md quotes: the tables must
-    be exactly what today's `llt report` makes of those summaries (figures are not rebuilt here)."""
+@pytest.mark.parametrize("study", ["cifar10-medium", "cifar10-medium-original"])
+def test_the_committed_medium_study_report_is_what_its_committed_summaries_give(tmp_path, study):
+    """results/cifar10-medium (train.batchnorm=balanced) and results/cifar10-medium-original (the original's
+    BatchNorm numerics, before issue 26) hold the studies' summaries and the reports docs/results.md quotes:
+    the tables must be exactly what today's `llt report` makes of those summaries (figures are not rebuilt)."""
     from llt.reporting.report import expand, load_run, make_groups, write_tables
 
-    folder = REPO / "results" / "cifar10-medium"
+    folder = REPO / "results" / study
     if not (folder / "study.json").is_file():
-        pytest.skip("results/cifar10-medium is not in this checkout")
+        pytest.skip(f"results/{study} is not in this checkout")
     runs = [load_run(p) for p in expand([str(folder)])]
     assert len(runs) == 33
     write_tables(make_groups(runs), tmp_path)

@@ -115,7 +115,7 @@ class TrainSection:
     bn_running: str = _f("auto", "which sub-batches update BatchNorm's running statistics in the fused step: 'original': "
                          "each group as often as the original's passes over it (unlabeled twice, task 1 twice); 'once': "
                          "each group once per step; 'labelled': each group without pool images once, the pool never; "
-                         "'auto': original under train.batchnorm=original, else labelled", BN_RUNNING)
+                         "'auto': original under train.batchnorm=original, once under joint, else labelled", BN_RUNNING)
     bn_recalibrate: bool = _f(False, "re-estimate BatchNorm's running statistics on the clean (unaugmented) training "
                               "images and exemplars of the seen classes before every validation of the lottery loop, so "
                               "that the kept state and every evaluation use them (measured: no gain, docs/training.md)")
@@ -354,9 +354,9 @@ def validate(cfg: RunConfig) -> None:
     _need(m.stem_stride in (0, 1, 2), "model.stem_stride", "must be 0 (auto), 1 or 2")
     _need(t.epochs >= 1, "train.epochs", "must be at least 1")
     _need(t.batch_size >= 4, "train.batch_size", "must be at least 4 (later tasks use batch_size // 4)")
-    _need(not (t.batchnorm == "joint" and batchnorm_setup(t)[1] == "labelled"), "train.bn_running",
-          "labelled updates no group that holds pool images, and train.batchnorm=joint puts every sub-batch in one "
-          "group: the running statistics would never change (choose once or original)")
+    _need(not (t.batchnorm == "joint" and t.bn_running == "labelled" and te.enabled), "train.bn_running",
+          "labelled updates no group that holds pool images, and train.batchnorm=joint puts every sub-batch, the "
+          "pool's too, in one group: the running statistics would never change (choose once or original)")
     _need(t.eval_batch_size >= 0, "train.eval_batch_size", "must be 0 (automatic) or a positive batch size")
     _need(t.lr > 0, "train.lr", "must be positive")
     _need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
@@ -391,11 +391,21 @@ def validate(cfg: RunConfig) -> None:
         raise LLTError(f"{key}: {msg}")
 
 
+def legacy_tree(tree: dict) -> dict:
+    """A run's stored config tree as this version reads it: a run written before train.batchnorm existed
+    trained with the original's BatchNorm numerics, so it reads as train.batchnorm=original (not today's
+    default). Other trees are returned as they are."""
+    if isinstance(tree, dict) and isinstance(tree.get("train"), dict) and "batchnorm" not in tree["train"]:
+        return {**tree, "train": {**tree["train"], "batchnorm": "original"}}
+    return tree
+
+
 def batchnorm_setup(t: TrainSection) -> tuple[str, str, bool]:
     """train.batchnorm, bn_running and bn_recalibrate with 'auto' resolved: (groups, running, recalibrate).
     Under batchnorm=original, auto gives the original's numerics (every pass updates the running statistics)."""
     original = t.batchnorm == "original"
-    running = t.bn_running if t.bn_running != "auto" else ("original" if original else "labelled")
+    running = t.bn_running if t.bn_running != "auto" else (
+        "original" if original else "once" if t.batchnorm == "joint" else "labelled")
     return t.batchnorm, running, t.bn_recalibrate
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llt.config import RunConfig, from_tree
+from llt.config import RunConfig, from_tree, legacy_tree
 from llt.registry import BASELINES
 from llt.data.augment import Normalizer
 from llt.data.dataset import ImageDataset
@@ -180,11 +180,7 @@ def open_run(run_dir: str, data_dir: str | None = None) -> tuple[RunConfig, RunD
         raise LLTError(f"{run_dir} is not an llt run directory (no manifest.json)")
     try:
         manifest = json.loads(path.read_text())
-        tree = manifest["config"]
-        if isinstance(tree.get("train"), dict) and "batchnorm" not in tree["train"]:
-            # written before train.batchnorm existed: such runs trained with the original's BatchNorm numerics
-            tree = {**tree, "train": {**tree["train"], "batchnorm": "original"}}
-        cfg = from_tree(tree, origin=str(path))
+        cfg = from_tree(legacy_tree(manifest["config"]), origin=str(path))
     except (json.JSONDecodeError, KeyError, TypeError, LLTError) as e:
         raise LLTError(f"{path}: not a valid llt manifest ({e})") from None
     if data_dir:

@@ -18,7 +18,7 @@ def empty_sub_batch(batch_size: int, num_tasks: int, memory: bool) -> str | None
     b = batch_size // 4
     for k in range(1, num_tasks):
         n_new, n_old = balanced_sizes(b, k)
-        if n_new == 0 or (memory and n_old == 0):
+        if n_new <= 0 or (memory and n_old <= 0):
             part = "new-task" if n_new == 0 else "old-class"
             return (f"train.batch_size={batch_size}: at task {k + 1} of {num_tasks} the balanced batch (b = batch_size "
                     f"// 4 = {b}) would hold {n_new} new and {n_old} old images (int(b/(k+1)), int(b*k/(k+1)), k = {k}): "

@@ -9,9 +9,13 @@ over them), a balanced batch of int(b/(k+1)) new and int(b*k/(k+1)) old images (
 run out), and b frozen-augmented unlabeled images with their teacher logits.
 
 Fusion (METHOD decision 4): the original runs five forward passes per step. Here the sub-batches are
-concatenated and go through the backbone once, with BatchNorm statistics computed per sub-batch and the
-running statistics updated once per original pass, in the original order (the unlabeled images twice, the
-task-1 batch twice). Loss and gradients equal the five-pass step; tests/test_trainer.py checks it.
+concatenated and go through the backbone once; BatchNorm normalises groups of sub-batches with their own
+statistics (`bn_segments`, train.batchnorm): by default the class-balanced batch (new + old) as one batch,
+the random and unlabeled sub-batches alone, and only labelled images update the running statistics. With
+train.batchnorm=original each sub-batch is its own group and the running statistics are updated once per
+original pass (the unlabeled images twice, the task-1 batch twice): loss and gradients then equal the
+five-pass step (tests/test_trainer.py). docs/training.md has the modes and the measurements behind the
+default.
 
 Class-incremental baselines (llt.methods: finetune, joint, replay, lwf, ewc, icarl) train through the same
 loop with a `Recipe` and the same optimisation budget: as many SGD steps per epoch as the lottery loop takes
@@ -83,8 +87,8 @@ class Schedule:
     batch_size: int = 256
     temperature: float = 2.0
     select: str = "best"            # the epoch a training keeps: "best" by validation accuracy, or "last"
-    batchnorm: str = "original"     # the fused step's BatchNorm groups (BN_GROUPS; train.batchnorm)
-    bn_running: str = "original"    # which groups update the running statistics (train.bn_running, resolved)
+    batchnorm: str = "balanced"     # the fused step's BatchNorm groups (BN_GROUPS; train.batchnorm's default)
+    bn_running: str = "labelled"    # which groups update the running statistics (train.bn_running, resolved)
     bn_recalibrate: bool = False    # re-estimate the running statistics on clean images before each validation
 
 
@@ -395,7 +399,7 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None           # a cumulative average over the batches below
         self.model.train()
-        # batches of equal size (the last one joins the one before) so that each image weighs the same
+        # batches whose sizes differ by at most one image (tensor_split), so that the images weigh about the same
         n_batches = max(1, idx.numel() // self.eval_batch_size)
         try:
             for part in idx.tensor_split(n_batches):
@@ -443,7 +447,7 @@ class Trainer:
             n_new, n_old = balanced_sizes(s.batch_size // 4, k)
             if n_new == 0 or (data.memory_idx.numel() and n_old == 0):
                 raise LLTError(f"task {k + 1}: the balanced batch of {s.batch_size // 4} images would hold {n_new} new "
-                               f"and {n_old} old images; raise train.batch_size")
+                               f"and {n_old} old images; train.batch_size must be at least {4 * max(k + 1, 2)}")
             cyclers["new"] = Cycler(data.new_idx, n_new, self.gen)
             if data.memory_idx.numel() and n_old:
                 cyclers["old"] = Cycler(data.memory_idx, n_old, self.gen)

@@ -246,7 +246,11 @@ class Engine:
         if every == 0:
             return None
         key = seed_tag.removeprefix("augment/").replace("/", "-")
-        identity = {"task": t, "key": key, "epochs": schedule.epochs, "schedule": dataclasses.asdict(schedule),
+        sched = dataclasses.asdict(schedule)
+        if (schedule.batchnorm, schedule.bn_running, schedule.bn_recalibrate) == ("original", "original", False):
+            for k in ("batchnorm", "bn_running", "bn_recalibrate"):    # as checkpoints written before these existed
+                del sched[k]
+        identity = {"task": t, "key": key, "epochs": schedule.epochs, "schedule": sched,
                     "select_on": select_on, "mask": fingerprint_mask(None if mask is None else mask.masks),
                     "memory": fingerprint_tensor(data.memory_idx), "new": fingerprint_tensor(data.new_idx),
                     "recipe": None if recipe is None else [recipe.loss, recipe.distill, recipe.temperature,
@@ -319,7 +323,9 @@ def finish(ctx: Context, R: list, densities: list[float], method: str | None = N
                             budget=training_budget(rd, len(R)), **extra)
     rd.write_json("summary.json", summary)
     print(format_matrix(summary["accuracy_matrix"], summary["sa"], summary["forgetting"], summary["remaining_weights"]))
-    print(f"final SA {summary['final_sa']:.2f} | forgetting {summary['final_forgetting'] or 0:.2f} | "
+    la = summary["mean_learning_accuracy_incremental"]
+    print(f"final SA {summary['final_sa']:.2f} | learning accuracy (tasks 2..{len(R)}) "
+          f"{'n/a' if la is None else f'{la:.2f}'} | forgetting {summary['final_forgetting'] or 0:.2f} | "
           f"remaining weights {summary['remaining_weights'][-1]:.2f} % | summary: {rd.file('summary.json')}")
     return summary
 

@@ -74,7 +74,7 @@ def resume(run_dir: str, data_dir: str | None = None, progress: str = "auto") ->
         import dataclasses
 
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(rd.path.parent)))
-        retrain_subnetwork(*args, cfg, info.get("preset"), info.get("teacher"), progress)
+        retrain_subnetwork(*args, cfg, info.get("preset"), info.get("teacher"), progress, into=rd.path)
         return 0
     if rd.file("summary.json").is_file():
         print(f"{rd.path} is finished; checking every stage and printing its results again")

@@ -86,14 +86,19 @@ def _weights_of(source: str, model, max_bytes: int = DEFAULT_MAX_BYTES, keep_ori
 
 
 def retrain_subnetwork(weights: str, mask_src: str, task: int, cfg: RunConfig, preset: str | None,
-                       teacher: str | None = None, progress: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+                       teacher: str | None = None, progress: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
+                       into: str | Path | None = None) -> dict:
     """main_train.py: train the subnetwork (weights under mask) on task k; a run directory with the result.
-    A new run directory whose set-up fails (weights, mask or teacher that do not fit) is removed again."""
-    ident = hashlib.sha256(json.dumps([config_hash(cfg), str(Path(weights).resolve()), str(Path(mask_src).resolve()),
-                                       str(Path(teacher).resolve()) if teacher else None, task]).encode()).hexdigest()[:10]
-    out = ensure_writable(cfg.run.out_dir)
-    existed = (Path(out) / f"retrain-task{task}-{ident}").exists()
-    rd = RunDir.create(out, f"retrain-task{task}-{ident}")
+    A new run directory whose set-up fails (weights, mask or teacher that do not fit) is removed again.
+    `into`: the existing run directory to continue (`llt resume`), whatever config fields were added since."""
+    if into is not None:
+        existed, rd = True, RunDir(into)
+    else:
+        ident = hashlib.sha256(json.dumps([config_hash(cfg), str(Path(weights).resolve()), str(Path(mask_src).resolve()),
+                                           str(Path(teacher).resolve()) if teacher else None, task]).encode()).hexdigest()[:10]
+        out = ensure_writable(cfg.run.out_dir)
+        existed = (Path(out) / f"retrain-task{task}-{ident}").exists()
+        rd = RunDir.create(out, f"retrain-task{task}-{ident}")
     try:
         return _retrain(rd, weights, mask_src, task, cfg, preset, teacher, progress, max_bytes)
     except _SetupError as e:

@@ -2,14 +2,17 @@
 
 Inputs per run directory: summary.json (accuracy matrix, SA, remaining weights), manifest.json (config),
 records.jsonl (per-layer densities of tickets) and masks/task{t}.pt (mask overlap). Runs whose configs
-differ only by the seed form one group, shown as mean and standard deviation over seeds.
+differ only by the seed form one group. Every "+-" in report.md is the mean over seeds and the half-width of
+its 95 % Student-t interval (n/a for one seed); the CSV files give mean, standard deviation and the bounds.
 
 Outputs in OUT_DIR:
-    report.md                 a comparison of the groups after the last task, then per group: SA,
-                              remaining weights, forgetting per task (mean +- std, seeds), the lottery controls and
-                              the optimisation budget of every group
-    summary.csv               the same numbers, one row per (group, task)
-    comparison.csv            one row per group: final SA, forgetting, remaining weights (mean, std), seeds,
+    report.md                 a comparison of the groups after the last task (final SA, learning accuracy,
+                              forgetting, remaining weights), then per group: SA, learning accuracy of each
+                              task, remaining weights and forgetting per task, the accuracy matrices; the
+                              lottery controls, paired differences and the optimisation budget of every group
+    summary.csv               the same numbers, one row per (group, task): mean and std over seeds
+    comparison.csv            one row per group: final SA, learning accuracy (tasks 2..T and 1..T), forgetting,
+                              remaining weights (mean, std, 95 % interval), seeds, the paired differences,
                               steps per epoch per task and SGD steps in all (the optimisation budget)
     sa.png                    SA against the number of learned tasks, one line per group (Figure 4, top)
     remaining_weights.png     remaining weights per task as grouped bars (Figure 4, bottom)
@@ -28,6 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llt.config import legacy_tree
 from llt.errors import LLTError
 from llt.metrics import mean_interval
 from llt.registry import TICKET_METHODS, label, names, search_of
@@ -81,7 +85,7 @@ def load_run(path: str | Path) -> Run:
         if r.get("event") in ("ticket", "level", "retrain") and "per_layer_density" in r and \
                 (r["event"] != "level" or r.get("kind") == "ticket"):
             layer[r["task"]] = r["per_layer_density"]
-    return Run(path, summary, manifest["config"], [layer[t] for t in sorted(layer)])
+    return Run(path, summary, legacy_tree(manifest["config"]), [layer[t] for t in sorted(layer)])
 
 
 def group_key(run: Run) -> str:
