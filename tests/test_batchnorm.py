@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_cifar100_folder, trust_generated
-from test_trainer import buffers, grads, make, rel_err
+from test_trainer import buffers, grads, make, rel_err, step_inputs
 
 from llt.cli import main
 from llt.config import batchnorm_setup, load_config
 from llt.data.augment import Normalizer
 from llt.errors import LLTError
-from llt.losses import balanced_coefficients, balanced_sizes, distillation
+from llt.losses import balanced_sizes, distillation
 from llt.models.preact_resnet import SegmentBatchNorm2d
 from llt.subbatches import empty_sub_batch
 from llt.trainer import TaskData, Trainer, bn_segments
@@ -57,14 +57,7 @@ def test_balanced_mode_step_equals_passes_over_the_joined_balanced_batch():
     k = 2
     ref = make(k_tasks=4)
     fused = copy.deepcopy(ref)
-    g = torch.Generator().manual_seed(1)
-    n_new, n_old = balanced_sizes(16, k)
-    xr, xn, xo, xu = (torch.randn(n, 3, 16, 16, generator=g) for n in (16, n_new, n_old, 16))
-    yr = torch.randint(0, 6, (16,), generator=g)
-    yn = torch.randint(4, 6, (n_new,), generator=g)
-    yo = torch.randint(0, 4, (n_old,), generator=g)
-    t_main, t_aux = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
-    coefs = balanced_coefficients(16, k)
+    n_new, n_old, xr, yr, xn, yn, xo, yo, xu, t_main, t_aux, coefs = step_inputs(k)
 
     z_r = ref(xr, k + 1, "aux")
     z_b = ref(torch.cat([xn, xo]), k + 1, "main")

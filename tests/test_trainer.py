@@ -50,18 +50,24 @@ def buffers(model):
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
+def step_inputs(k: int, seed: int = 1):
+    """Random sub-batches of a step of task k+1 (b = 16): n_new, n_old, x and y of random, new and old, the
+    unlabeled images, the teacher's logits (main, aux) and the balanced coefficients."""
+    g = torch.Generator().manual_seed(seed)
+    n_new, n_old = balanced_sizes(16, k)
+    xr, xn, xo, xu = (torch.randn(n, 3, 16, 16, generator=g) for n in (16, n_new, n_old, 16))
+    yr = torch.randint(0, 2 * (k + 1), (16,), generator=g)
+    yn = torch.randint(2 * k, 2 * (k + 1), (n_new,), generator=g)
+    yo = torch.randint(0, 2 * k, (n_old,), generator=g)
+    t_main, t_aux = torch.randn(16, 2 * k, generator=g), torch.randn(16, 2 * k, generator=g)
+    return n_new, n_old, xr, yr, xn, yn, xo, yo, xu, t_main, t_aux, balanced_coefficients(16, k)
+
+
 def test_fused_distillation_step_equals_five_passes():
     k = 2
     ref = make(k_tasks=4)
     fused = copy.deepcopy(ref)
-    g = torch.Generator().manual_seed(1)
-    n_new, n_old = balanced_sizes(16, k)
-    xr, xn, xo, xu = (torch.randn(n, 3, 16, 16, generator=g) for n in (16, n_new, n_old, 16))
-    yr = torch.randint(0, 6, (16,), generator=g)
-    yn = torch.randint(4, 6, (n_new,), generator=g)
-    yo = torch.randint(0, 4, (n_old,), generator=g)
-    t_main, t_aux = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
-    coefs = balanced_coefficients(16, k)
+    n_new, n_old, xr, yr, xn, yn, xo, yo, xu, t_main, t_aux, coefs = step_inputs(k)
 
     loss_ref = five_pass_loss(ref, k, xr, yr, xn, yn, xo, yo, xu, t_main, t_aux, coefs)
     loss_ref.backward()
