@@ -181,6 +181,14 @@ def test_a_run_written_before_train_batchnorm_existed_continues_with_the_origina
     (tmp_path / "manifest.json").write_text(json.dumps({"config": tree}))
     cfg, _ = open_run(str(tmp_path))
     assert batchnorm_setup(cfg.train) == ("original", "original", False)
+    tree["run"]["method"] = "replay"                         # a baseline never used it: the default, accepted
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": tree}))
+    cfg, _ = open_run(str(tmp_path))
+    assert cfg.train.batchnorm == "balanced"
+    from llt.config import validate
+
+    validate(cfg)
+    tree["run"]["method"] = "bu"
     tree["train"]["batchnorm"] = "balanced"                  # a run of this version keeps its own setting
     (tmp_path / "manifest.json").write_text(json.dumps({"config": tree}))
     assert batchnorm_setup(open_run(str(tmp_path))[0].train) == ("balanced", "labelled", False)

@@ -393,11 +393,15 @@ def validate(cfg: RunConfig) -> None:
 
 def legacy_tree(tree: dict) -> dict:
     """A run's stored config tree as this version reads it: a run written before train.batchnorm existed
-    trained with the original's BatchNorm numerics, so it reads as train.batchnorm=original (not today's
-    default). Other trees are returned as they are."""
-    if isinstance(tree, dict) and isinstance(tree.get("train"), dict) and "batchnorm" not in tree["train"]:
-        return {**tree, "train": {**tree["train"], "batchnorm": "original"}}
-    return tree
+    trained with the original's BatchNorm numerics, so a lottery-loop run reads as train.batchnorm=original
+    (not today's default; the baselines never used the setting and keep the default). Other trees are
+    returned as they are."""
+    if not (isinstance(tree, dict) and isinstance(tree.get("train"), dict) and "batchnorm" not in tree["train"]):
+        return tree
+    method = REGISTRY.get(str((tree.get("run") or {}).get("method", RunSection.method)))
+    if method is None or not method.fused:
+        return tree
+    return {**tree, "train": {**tree["train"], "batchnorm": "original"}}
 
 
 def batchnorm_setup(t: TrainSection) -> tuple[str, str, bool]:
