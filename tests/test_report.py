@@ -230,3 +230,18 @@ def test_the_committed_medium_study_report_is_what_its_committed_summaries_give(
     write_tables(make_groups(runs), tmp_path)
     for name in ("report.md", "comparison.csv", "summary.csv"):
         assert (tmp_path / name).read_text() == (folder / "report" / name).read_text(), name
+
+
+def test_a_task_below_chance_right_after_it_was_learned_is_named_before_any_table(runs, tmp_path, capsys):
+    root, dirs, _ = runs
+    out = root / "report"
+    assert main(["report", *map(str, dirs), "--out", str(out)]) == 0
+    assert "Warning" not in (out / "report.md").read_text() and "WARNING" not in capsys.readouterr().err
+    # task 2 learned to 20 % over 4 classes (chance 25 %): named; 30 % would not be
+    bad = make_run(tmp_path / "more", "cil-s1", "cil", 1, [[95.0], [85.0, 20.0]], [100.0, 100.0])
+    ok = make_run(tmp_path / "more", "cil-s2", "cil", 2, [[95.0], [85.0, 30.0]], [100.0, 100.0])
+    assert main(["report", str(bad), str(ok), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert md.index("## Warning: tasks below chance") < md.index("## Comparison")
+    assert "| cil-s1 | 2 | 20.00 | 25.00 |" in md and "| cil-s2 |" not in md
+    assert "WARNING: 1 task(s) scored below chance" in capsys.readouterr().err

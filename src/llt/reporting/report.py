@@ -179,6 +179,35 @@ def make_groups(runs: list[Run]) -> list[Group]:
 
 # ------------------------------------------------------------------------------------------ tables
 
+def unlearned_tasks(groups: list[Group]) -> list[tuple[Run, int, float, float]]:
+    """(run, task (1-based), its test accuracy right after it was learned, chance) for every task of every run
+    that scored below chance then: 100 / the classes seen after it (a uniform guess over them). A method that
+    does not learn its newest task is a defect until shown otherwise; the report says so before any table."""
+    out = []
+    for g in groups:
+        for r in g.runs:
+            per_task = int(r.config.get("data", {}).get("classes_per_task") or 1)
+            for t, v in enumerate(r.summary["learning_accuracy"]):
+                chance = 100.0 / ((t + 1) * per_task)
+                if v < chance:
+                    out.append((r, t + 1, v, chance))
+    return out
+
+
+def unlearned_table(groups: list[Group]) -> list[str]:
+    """Markdown lines naming each task that scored below chance right after it was learned; empty when none."""
+    rows = unlearned_tasks(groups)
+    if not rows:
+        return []
+    md = ["## Warning: tasks below chance right after they were learned", "",
+          f"{len(rows)} task(s) scored below chance (100 / the classes seen) on their own test images right after "
+          "they were learned: the method did not learn them when they arrived. Find the cause before comparing "
+          "these runs (docs/training.md has the one found so far: train.batchnorm=original at small batches).", "",
+          "| run | task | accuracy right after learning it (%) | chance (%) |", "| --- | --- | --- | --- |"]
+    md += [f"| {r.name} | {t} | {v:.2f} | {c:.2f} |" for r, t, v, c in rows]
+    return md + [""]
+
+
 def write_tables(groups: list[Group], out: Path) -> None:
     rows = []
     md = ["# llt report", "", "Every \"a +- b\" below is the mean over seeds and the half-width of its 95 % "
@@ -207,11 +236,14 @@ def write_tables(groups: list[Group], out: Path) -> None:
             for t, row in enumerate(R):
                 md.append(f"| T1~{t + 1} | " + " | ".join(f"{v:.2f}" for v in row) + " |" * (len(R) - t - 1) + " |")
         md.append("")
+    warning = unlearned_table(groups)
+    md = md[:4] + warning + md[4:]
     md += controls_table(groups)
     md += paired_table(groups)
     md += budget_table(groups)
     head, compare = comparison(groups)
-    (out / "report.md").write_text("\n".join(md[:4] + head + md[4:]))
+    lead = 4 + len(warning)
+    (out / "report.md").write_text("\n".join(md[:lead] + head + md[lead:]))
     for name, table in (("summary.csv", rows), ("comparison.csv", compare)):
         with open(out / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -501,6 +533,10 @@ def report(run_dirs: list[str], out_dir: str) -> list[Path]:
         raise LLTError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
     groups = make_groups(runs)
     write_tables(groups, out)
+    bad = unlearned_tasks(groups)
+    if bad:
+        print(f"llt report: WARNING: {len(bad)} task(s) scored below chance right after they were learned (first: "
+              f"{bad[0][0].name}, task {bad[0][1]} at {bad[0][2]:.2f} %); see report.md", file=sys.stderr)
     written = [out / "report.md", out / "summary.csv", plot_sa(groups, out), plot_remaining(groups, out)]
     for r in runs:
         written.append(plot_matrix(r, out))
