@@ -10,7 +10,8 @@ from llt.data.augment import Normalizer, make_generator
 from llt.losses import balanced_coefficients, balanced_sizes, distillation
 from llt.models import build_model
 from llt.pruning import Mask
-from llt.trainer import Cycler, NonFiniteLoss, Schedule, TaskData, Trainer
+from llt.config import batchnorm_setup, load_config
+from llt.trainer import Cycler, NonFiniteLoss, Schedule, TaskData, Trainer, bn_segments
 
 
 def rel_err(a, b):
@@ -74,7 +75,10 @@ def test_fused_distillation_step_equals_five_passes():
 
     trainer = Trainer(fused, Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
     sizes = (16, n_new, n_old, 16)
-    loss = trainer.distill_loss(k, torch.cat([xr, xn, xo, xu]), sizes, yr, yn, yo, t_main, t_aux, coefs, 2.0)
+    # the segments fit_task passes under train.batchnorm=original (bn_running auto -> original)
+    loss = trainer.distill_loss(k, torch.cat([xr, xn, xo, xu]), sizes, yr, yn, yo, t_main, t_aux, coefs, 2.0,
+                                bn_segments(*batchnorm_setup(load_config("demo", ["train.batchnorm=original"]).train)[:2],
+                                            sizes))
     loss.backward()
 
     assert abs(loss.item() - loss_ref.item()) / abs(loss_ref.item()) < 1e-5

@@ -19,7 +19,7 @@ def empty_sub_batch(batch_size: int, num_tasks: int, memory: bool) -> str | None
     for k in range(1, num_tasks):
         n_new, n_old = balanced_sizes(b, k)
         if n_new <= 0 or (memory and n_old <= 0):
-            part = "new-task" if n_new == 0 else "old-class"
+            part = "new-task" if n_new <= 0 else "old-class"
             return (f"train.batch_size={batch_size}: at task {k + 1} of {num_tasks} the balanced batch (b = batch_size "
                     f"// 4 = {b}) would hold {n_new} new and {n_old} old images (int(b/(k+1)), int(b*k/(k+1)), k = {k}): "
                     f"an empty {part} sub-batch; the smallest train.batch_size for {num_tasks} tasks is "

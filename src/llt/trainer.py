@@ -118,9 +118,8 @@ class Recipe:
     batching: str = "concat"
 
 
-# The fused step's sub-batches, in batch order: random (aux branch), balanced new, balanced old, unlabeled. Each
-# BatchNorm mode lists the groups that are normalised together (one segment of SegmentBatchNorm2d each).
-SUB_BATCHES = ("random", "new", "old", "unlabeled")
+# The fused step's sub-batches, in batch order: 0 random (aux branch), 1 balanced new, 2 balanced old, 3 unlabeled.
+# Each BatchNorm mode lists the groups that are normalised together (one segment of SegmentBatchNorm2d each).
 BN_GROUPS = {
     "original": ((0,), (1,), (2,), (3,)),   # each sub-batch alone: the original's five forward passes
     "balanced": ((0,), (1, 2), (3,)),       # the class-balanced batch (new + old) as one batch
@@ -131,7 +130,7 @@ ORIGINAL_PASSES = (1, 1, 1, 2)              # the original's forward passes over
 
 
 def bn_segments(groups: str, running: str, sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """The (size, running-statistics updates) segments of a fused batch of sub-batches `sizes` (SUB_BATCHES).
+    """The (size, running-statistics updates) segments of a fused batch of sub-batches `sizes` (in batch order).
 
     running "original": a group is updated as often as the original passes over its sub-batches (each time
     with the group's statistics); "once": each group once; "labelled": each group once unless it holds pool
