@@ -78,10 +78,10 @@ def test_report_writes_tables_and_figures_with_seed_statistics(runs, capsys):
 
 
 def test_mask_overlap_is_intersection_over_union(runs):
-    from llt.reporting.report import load_run, mask_iou
+    from llt.reporting.report import load_run
 
     _, dirs, (m1, m2) = runs
-    iou = mask_iou(load_run(dirs[0]))
+    iou = load_run(dirs[0]).iou
     assert iou[0][0] == 1.0 and iou[0][1] == pytest.approx(m1.num_kept() / m2.num_kept())   # m1 is inside m2
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llt import storage
+from llt import safeload, storage
 from llt.errors import LLTError
 
 KIND = "llt-epoch-checkpoint"
@@ -114,10 +114,10 @@ class EpochCheckpoint:
         if not self.path.is_file():
             return None
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:   # a file that is not what it claims: never trusted, never fatal
-            print(f"[llt] note: ignoring the epoch checkpoint {self.path} ({type(e).__name__}); this training "
-                  f"starts from the beginning of its stage", file=sys.stderr)
+            obj = safeload.load_file(self.path)
+        except LLTError as e:    # a file that is not what it claims: never trusted, never fatal
+            print(f"[llt] note: ignoring the epoch checkpoint ({e}); this training starts from the beginning of "
+                  f"its stage", file=sys.stderr)
             return None
         try:
             meta = json.loads(obj["meta"])

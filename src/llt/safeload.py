@@ -1,24 +1,33 @@
-"""Reading checkpoint files nobody vouches for: tensors and plain values only, bounded memory, no code run.
+"""The one reader of every torch file llt loads: tensors and plain values only, bounded memory, no code run.
 
-`read_tensors(path, max_bytes)` reads torch's zip format (torch >= 1.6) and the legacy format (torch < 1.6:
-a sequence of pickles followed by the raw storages, what the original code's `torch.save` wrote under the
-torch 1.4/1.5 its README allows).
+Every torch-format file llt reads goes through `_read` here: the original code's checkpoints and masks
+(`read_tensors`, permissive: other classes become inert placeholders) and llt's own files (`load_file`,
+strict: stage and epoch checkpoints, masks, teaching sets, stream.pt, exports; a global outside the few llt
+writes is refused). Both formats are read: torch's zip format (torch >= 1.6) and the legacy format (torch
+< 1.6: a sequence of pickles followed by the raw storages, what the original code's `torch.save` wrote under
+the torch 1.4/1.5 its README allows). torch's own loader never runs: its `weights_only` allow-list admits
+calls that allocate a size taken from the file (`bytearray(n)`, `torch.storage.UntypedStorage(n)`,
+`torch.FloatTensor(n)`), so llt decides every entry of that list itself (TORCH_ALLOW_LIST_DECISIONS; a test
+fails when an installed torch adds one llt has not decided).
 
-What is checked before anything is allocated:
-- the zip's declared uncompressed sizes (all entries together) and the legacy file's size against
-  `max_bytes` (DEFAULT_MAX_BYTES, a few times the largest PreAct-ResNet-18 checkpoint with its optimizer);
-- the pickle itself, opcode by opcode (pickletools), before it is run: at most MAX_PICKLE_BYTES long, so
-  that the objects it can build are bounded (a 44 MB pickle of 10^8 integers is refused, not built);
-- every tensor's size, strides and offset against its storage's bytes: no view may address more elements
-  than its storage holds (a stride-0 view of one float "holding" 10^9 elements is refused).
+No allocation whose size comes from the file is made before it is checked:
+- the file's size against `max_bytes` (DEFAULT_MAX_BYTES, a few times the largest PreAct-ResNet-18
+  checkpoint with its optimizer); a zip's entry count and central directory (read from its end record
+  before the archive is parsed), and its declared uncompressed sizes, all entries together;
+- the pickle, opcode by opcode (pickletools), before it is run: at most MAX_PICKLE_BYTES long (so that the
+  objects it can build are bounded), no length beyond the bytes that follow it (BINBYTES8, BYTEARRAY8,
+  BINUNICODE8, LONG4, FRAME, ...), no integer over MAX_INT_BITS bits, no memo index beyond MAX_MEMO (a memo index is
+  an allocation: the unpickler grows its memo table to it);
+- every storage against the bytes the file holds (each read once, however often the pickle names it), and
+  every tensor's size, strides and offset against its storage: no view may address more elements than its
+  storage holds (a stride-0 view of one float "holding" 10^9 elements is refused).
 
-What is rebuilt: tensors (`torch._utils._rebuild_tensor(_v2)`, `_rebuild_parameter*`), storages, dtypes,
-`torch.device`, `torch.Size`, `collections.OrderedDict` (torch's state_dicts) and `collections.defaultdict`
-(optimizer state, as an empty dict). Every other class the file names becomes an inert, named placeholder
-(reported as skipped, e.g. `torch.optim.sgd.SGD`); calling one, which is how a crafted pickle runs
-`os.system` or `eval`, and also how it would build large containers (`list`, `range`, `bytes`), is
-refused. torch's own `weights_only` loader reads zip files first (after the size checks); the bound on
-tensors is applied to what it returns too.
+What is rebuilt: tensors (`torch._utils._rebuild_tensor(_v2)`, `_rebuild_parameter*`) over the file's
+storages, dtypes and, for foreign files, `torch.device`, `torch.Size`, `collections.OrderedDict` and
+`collections.defaultdict` (optimizer state, as an empty dict). Storage classes are names of dtypes, never
+called. In a foreign file, every other class becomes an inert, named placeholder (reported as skipped,
+e.g. `torch.optim.sgd.SGD`); calling one, which is how a crafted pickle runs `os.system` or `eval`, and also
+how it would allocate (`bytearray(n)`), is refused.
 
 Every refusal is an LLTError of one line naming the file and the reason.
 """
@@ -39,13 +48,34 @@ import torch
 from llt.errors import LLTError
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024    # full-width dense checkpoint with SGD momentum: about 90 MB
-MAX_PICKLE_BYTES = 16 * 1024 * 1024      # a state_dict with an optimizer pickles to well under 1 MB
+MAX_PICKLE_BYTES = 4 * 1024 * 1024       # a state_dict with an optimizer pickles to well under 1 MB
+MAX_MEMO = 1 << 20                       # memo indices: one per object at most, far fewer than the pickle's bytes
+MAX_ZIP_ENTRIES = 100_000                # an llt checkpoint has one entry per tensor (a few hundred)
+MAX_INT_BITS = 128                     # the legacy format's magic number has 77 bits
+MAX_OBJECTS = 1_000_000                  # containers and tensors walked when checking what was read
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+_CHUNK = 1 << 20
 
-_STORAGES = {name: getattr(torch, name) for name in ("FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage",
-                                                     "LongStorage", "IntStorage", "ShortStorage", "CharStorage",
-                                                     "ByteStorage", "BoolStorage")}
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _StorageType:
+    """What a storage class named in the file stands for: the dtype of the storage it describes. Calling it
+    (`torch.FloatStorage(10**9)`, an allocation of a size from the file) is refused."""
+
+    def __init__(self, qualname: str, dtype: torch.dtype):
+        self.qualname, self.dtype = qualname, dtype
+
+    def __call__(self, *args, **kwargs):
+        raise LLTError(f"refusing to call {self.qualname} while reading a checkpoint (a storage is read from the "
+                       f"file's own bytes, never built from a size in its pickle)")
+
+    def __reduce__(self):
+        raise TypeError("not picklable")
 
 
 class _Refuse(type):
@@ -69,15 +99,17 @@ def _placeholder(full: str) -> type:
 
 
 def _storage_elements(storage) -> int:
-    nbytes = storage.nbytes() if callable(getattr(storage, "nbytes", None)) else len(storage)
-    size = storage.element_size() if hasattr(storage, "element_size") else 1
-    return nbytes // max(size, 1)
+    return storage._size()                # noqa: SLF001 (the public size() warns that TypedStorage is deprecated)
 
 
 def check_view(size, stride, offset: int, available: int, what: str = "a tensor") -> None:
     """Refuse a view that addresses elements outside its storage or more elements than the storage holds."""
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
+    try:
+        size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
+    except (TypeError, ValueError):
+        raise LLTError(f"{what}: malformed view (its size, stride or offset is not a list of integers)") from None
+    if (len(size) != len(stride) or len(size) > 64 or any(s < 0 for s in size) or any(s < 0 for s in stride)
+            or offset < 0):
         raise LLTError(f"{what}: malformed view (size {size}, stride {stride}, offset {offset})")
     numel = 1
     for s in size:
@@ -91,59 +123,143 @@ def check_view(size, stride, offset: int, available: int, what: str = "a tensor"
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
-    check_view(size, stride, int(storage_offset), _storage_elements(storage))
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise LLTError("a tensor is rebuilt over something that is not one of the file's storages; refused")
+    check_view(size, stride, storage_offset, _storage_elements(storage))
     t = torch.empty((0,), dtype=storage.dtype)
-    t.set_(storage, storage_offset, size, stride)
+    t.set_(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
     return t
 
 
 def _rebuild_parameter(data, *rest):
+    if not isinstance(data, torch.Tensor):
+        raise LLTError("a parameter is rebuilt from something that is not a tensor; refused")
     return data
 
 
-def _safe_globals() -> dict:
-    out = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor, ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-           ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-           ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-           ("collections", "OrderedDict"): OrderedDict, ("collections", "defaultdict"): lambda *a: {},
-           ("torch", "device"): torch.device, ("torch", "Size"): torch.Size}
-    out.update({("torch", name): s for name, s in _STORAGES.items()})
-    return out
+# What every entry of torch's `weights_only` allow-list is to llt. "rebuilt": llt rebuilds it with its own
+# bounded code; "storage": a storage class, read as the dtype it names, never called; "dtype": a value;
+# "placeholder": refused when called, inert otherwise (foreign files only; llt's own files refuse it outright).
+# A torch that adds an entry fails tests/test_corpus.py until it is decided here.
+_REBUILT = {"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+            "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict", "torch.Size", "torch.device"}
 
 
-_SAFE = _safe_globals()
+def decision(qualname: str) -> str:
+    """llt's decision for a global of torch's weights_only allow-list (see TORCH_ALLOW_LIST_DECISIONS)."""
+    module, _, name = qualname.rpartition(".")
+    if qualname in _REBUILT:
+        return "rebuilt"
+    if module == "torch" and name in _STORAGE_DTYPES or qualname in ("torch.storage.UntypedStorage",):
+        return "storage"
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return "dtype"
+    return "placeholder"
+
+
+# The allow-list of torch 2.13 (torch._weights_only_unpickler._get_allowed_globals), as llt decided it.
+TORCH_ALLOW_LIST = (
+    "_codecs.encode builtins.bytearray builtins.complex builtins.set collections.Counter collections.OrderedDict "
+    "torch.BFloat16Storage torch.BFloat16Tensor torch.BoolStorage torch.BoolTensor torch.ByteStorage "
+    "torch.ByteTensor torch.CharStorage torch.CharTensor torch.ComplexDoubleStorage torch.ComplexFloatStorage "
+    "torch.DoubleStorage torch.DoubleTensor torch.FloatStorage torch.FloatTensor torch.HalfStorage torch.HalfTensor "
+    "torch.IntStorage torch.IntTensor torch.LongStorage torch.LongTensor torch.QInt32Storage torch.QInt8Storage "
+    "torch.QUInt2x4Storage torch.QUInt4x2Storage torch.QUInt8Storage torch.ShortStorage torch.ShortTensor "
+    "torch.Size torch.Tensor torch._tensor._rebuild_from_type_v2 torch._utils._rebuild_device_tensor_from_cpu_tensor "
+    "torch._utils._rebuild_device_tensor_from_numpy torch._utils._rebuild_meta_tensor_no_storage "
+    "torch._utils._rebuild_nested_tensor torch._utils._rebuild_parameter torch._utils._rebuild_parameter_with_state "
+    "torch._utils._rebuild_qtensor torch._utils._rebuild_sparse_tensor torch._utils._rebuild_tensor "
+    "torch._utils._rebuild_tensor_v2 torch._utils._rebuild_tensor_v3 torch._utils._rebuild_wrapper_subclass "
+    "torch.bfloat16 torch.bits16 torch.bits1x8 torch.bits2x4 torch.bits4x2 torch.bits8 torch.bool torch.complex128 "
+    "torch.complex32 torch.complex64 torch.cuda.BFloat16Storage torch.cuda.BFloat16Tensor torch.cuda.BoolStorage "
+    "torch.cuda.BoolTensor torch.cuda.ByteStorage torch.cuda.ByteTensor torch.cuda.CharStorage torch.cuda.CharTensor "
+    "torch.cuda.ComplexDoubleStorage torch.cuda.ComplexFloatStorage torch.cuda.DoubleStorage torch.cuda.DoubleTensor "
+    "torch.cuda.FloatStorage torch.cuda.FloatTensor torch.cuda.HalfStorage torch.cuda.HalfTensor "
+    "torch.cuda.IntStorage torch.cuda.IntTensor torch.cuda.LongStorage torch.cuda.LongTensor torch.cuda.ShortStorage "
+    "torch.cuda.ShortTensor torch.cuda.sparse.BFloat16Tensor torch.cuda.sparse.ByteTensor torch.cuda.sparse.CharTensor "
+    "torch.cuda.sparse.DoubleTensor torch.cuda.sparse.FloatTensor torch.cuda.sparse.HalfTensor "
+    "torch.cuda.sparse.IntTensor torch.cuda.sparse.LongTensor torch.cuda.sparse.ShortTensor torch.device "
+    "torch.float16 torch.float32 torch.float4_e2m1fn_x2 torch.float64 torch.float8_e4m3fn torch.float8_e4m3fnuz "
+    "torch.float8_e5m2 torch.float8_e5m2fnuz torch.float8_e8m0fnu torch.int1 torch.int16 torch.int2 torch.int3 "
+    "torch.int32 torch.int4 torch.int5 torch.int6 torch.int64 torch.int7 torch.int8 torch.nn.parameter.Parameter "
+    "torch.per_channel_affine torch.per_channel_affine_float_qparams torch.per_channel_symmetric "
+    "torch.per_tensor_affine torch.per_tensor_symmetric torch.qint32 torch.qint8 torch.quint2x4 torch.quint4x2 "
+    "torch.quint8 torch.serialization._get_layout torch.sparse.BFloat16Tensor torch.sparse.ByteTensor "
+    "torch.sparse.CharTensor torch.sparse.DoubleTensor torch.sparse.FloatTensor torch.sparse.HalfTensor "
+    "torch.sparse.IntTensor torch.sparse.LongTensor torch.sparse.ShortTensor torch.storage.TypedStorage "
+    "torch.storage.UntypedStorage torch.uint1 torch.uint16 torch.uint2 torch.uint3 torch.uint32 torch.uint4 "
+    "torch.uint5 torch.uint6 torch.uint64 torch.uint7 torch.uint8").split()
+TORCH_ALLOW_LIST_DECISIONS = {g: decision(g) for g in TORCH_ALLOW_LIST}
+
+
+def _find(module: str, name: str, strict: bool):
+    """What a global named in the file resolves to: llt's own rebuild functions, storage-type tokens, dtypes,
+    or (foreign files only) an inert placeholder. Strict mode refuses anything llt's own files never hold."""
+    full = f"{module}.{name}"
+    if full in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"):
+        return _rebuild_tensor
+    if full in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
+        return _rebuild_parameter
+    if full == "collections.OrderedDict":
+        return OrderedDict
+    if module == "torch" and name in _STORAGE_DTYPES:
+        return _StorageType(full, _STORAGE_DTYPES[name])
+    if full == "torch.storage.UntypedStorage":
+        return _StorageType(full, torch.uint8)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if strict:
+        raise LLTError(f"names {full}, which llt's own files never hold; refused")
+    if full == "collections.defaultdict":
+        return lambda *args: {}
+    if full == "torch.device":
+        return torch.device
+    if full == "torch.Size":
+        return torch.Size
+    return _placeholder(full)
 
 
 class _Restricted(pickle.Unpickler):
     """The restricted unpickler; `storage(saved_id)` resolves persistent ids (format-specific)."""
 
-    def __init__(self, stream, storage):
+    def __init__(self, stream, storage, strict: bool):
         super().__init__(stream)
-        self.storage, self.skipped = storage, set()
+        self.storage, self.strict, self.skipped = storage, strict, set()
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _SAFE:
-            return _SAFE[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module not in ("builtins", "__builtin__"):     # a builtin named as a value (defaultdict's factory)
-            self.skipped.add(f"{module}.{name}")          # is not a skipped object; calling it is still refused
-        return _placeholder(f"{module}.{name}")
+        found = _find(module, name, self.strict)
+        if isinstance(found, _Refuse) and module not in ("builtins", "__builtin__"):
+            self.skipped.add(found.qualname)       # a builtin named as a value (defaultdict's factory) is not
+        return found                               # a skipped object; calling it is still refused
 
     def persistent_load(self, saved_id):
         return self.storage(saved_id)
 
 
+_LENGTH_OPS = {"FRAME"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_INT_OPS = {"INT", "LONG", "LONG1", "LONG4", "BININT", "BININT1", "BININT2"}
+
+
 def _check_pickle(data: bytes, path: Path, what: str = "pickle", limit: int = MAX_PICKLE_BYTES) -> int:
     """Walk the pickle's opcodes without running them; its length (bytes up to STOP). Refuses a pickle
-    longer than `limit` bytes or one that is not a pickle."""
+    longer than `limit` bytes, one that is not a pickle, a length beyond the bytes that follow it, an
+    integer over MAX_INT_BITS bits and a memo index over MAX_MEMO (the unpickler grows its memo table to it)."""
     end = 0
     try:
-        for op, _arg, pos in pickletools.genops(io.BytesIO(data)):
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
             end = pos
             if pos > limit:
                 raise LLTError(f"{path}: its {what} is over {limit:,} bytes; refused (a checkpoint's pickle "
                                f"holds names and small values, its tensors are stored apart)")
+            if op.name in _LENGTH_OPS and arg > len(data) - pos:
+                raise LLTError(f"{path}: its {what} declares a {op.name} of {arg:,} bytes with {len(data) - pos:,} "
+                               f"left; refused")
+            if op.name in _INT_OPS and isinstance(arg, int) and arg.bit_length() > MAX_INT_BITS:
+                raise LLTError(f"{path}: its {what} holds an integer of {arg.bit_length():,} bits; refused "
+                               f"(sizes and counts fit in {MAX_INT_BITS})")
+            if op.name in _PUT_OPS and not 0 <= arg < MAX_MEMO:
+                raise LLTError(f"{path}: its {what} stores to memo index {arg:,} (at most {MAX_MEMO:,}); refused")
             if op.name == "STOP":
                 return pos + 1
     except LLTError:
@@ -163,25 +279,53 @@ def _run(reader: _Restricted, path: Path):
         raise LLTError(f"{path}: cannot read ({type(e).__name__}: {msg})") from None
 
 
-def _dtype_of(storage_type) -> torch.dtype:
-    if storage_type is torch.UntypedStorage:
-        return torch.uint8
-    with warnings.catch_warnings():      # TypedStorage classes are what torch's own loader uses here
-        warnings.simplefilter("ignore", UserWarning)
-        return storage_type.dtype
+def _storage_dtype(storage_type, path: Path) -> torch.dtype:
+    if not isinstance(storage_type, _StorageType):
+        raise LLTError(f"{path}: a storage of type {getattr(storage_type, 'qualname', type(storage_type).__name__)}, "
+                       f"which llt does not read")
+    return storage_type.dtype
 
 
 def _typed(buffer: torch.Tensor, dtype: torch.dtype):
-    return torch.storage.TypedStorage(wrap_storage=buffer.untyped_storage(), dtype=dtype, _internal=True)
+    with warnings.catch_warnings():      # TypedStorage is what torch's own loader builds here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.storage.TypedStorage(wrap_storage=buffer.untyped_storage(), dtype=dtype, _internal=True)
+
+
+def _fill(buffer: torch.Tensor, read, what: str) -> None:
+    """Read buffer.numel() bytes with `read(n)` into `buffer`, one chunk at a time (no second copy)."""
+    view, done = buffer.numpy(), 0
+    while done < len(view):
+        chunk = read(min(_CHUNK, len(view) - done))
+        if not chunk:
+            raise LLTError(f"{what} ends early (a truncated file)")
+        view[done:done + len(chunk)] = memoryview(chunk).cast("B")
+        done += len(chunk)
 
 
 # ------------------------------------------------------------------------------------------------ zip
 def check_zip(path: Path, max_bytes: int) -> zipfile.ZipFile:
-    """The archive, once its declared uncompressed sizes are within `max_bytes`."""
+    """The archive, once its entry count, central directory and declared uncompressed sizes are bounded
+    (the end record is read before zipfile parses the directory, whose parsed form costs far more memory
+    than its bytes)."""
+    try:
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)          # noqa: SLF001 (the end record, as zipfile itself reads it)
+    except (OSError, zipfile.BadZipFile, struct.error, ValueError):
+        end = None
+    if not end:
+        raise LLTError(f"{path}: not a torch checkpoint (a damaged zip archive)")
+    entries, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > MAX_ZIP_ENTRIES or directory > MAX_ZIP_ENTRIES * 1024:
+        raise LLTError(f"{path}: a zip archive of {entries:,} entries ({directory:,} bytes of directory), above the "
+                       f"limit of {MAX_ZIP_ENTRIES:,}; refused")
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise LLTError(f"{path}: not a torch checkpoint (a damaged zip archive)") from None
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as e:
+        raise LLTError(f"{path}: not a torch checkpoint (a damaged zip archive: {str(e)[:120]})") from None
+    if len(archive.infolist()) > MAX_ZIP_ENTRIES:
+        archive.close()
+        raise LLTError(f"{path}: a zip archive of more than {MAX_ZIP_ENTRIES:,} entries; refused")
     total = sum(i.file_size for i in archive.infolist())
     if total > max_bytes:
         archive.close()
@@ -190,48 +334,50 @@ def check_zip(path: Path, max_bytes: int) -> zipfile.ZipFile:
     return archive
 
 
-def _zip_pickle(path: Path, archive: zipfile.ZipFile) -> tuple[str, bytes]:
-    """(prefix, data.pkl) of a torch zip archive, its pickle checked before anything runs it."""
+def _read_zip(path: Path, archive: zipfile.ZipFile, strict: bool):
     names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
     if not names:
         raise LLTError(f"{path}: no data.pkl in the archive (not a torch checkpoint)")
+    prefix = names[0][: -len("/data.pkl")]
     if archive.getinfo(names[0]).file_size > MAX_PICKLE_BYTES:
         raise LLTError(f"{path}: its pickle is over {MAX_PICKLE_BYTES:,} bytes; refused (a checkpoint's pickle "
                        f"holds names and small values, its tensors are stored apart)")
+    order = f"{prefix}/byteorder"
+    if order in archive.namelist() and archive.read(order).strip() not in (b"little", b""):
+        raise LLTError(f"{path}: written on a big-endian machine; llt reads little-endian checkpoints only")
     data = archive.read(names[0])
     _check_pickle(data, path)
-    return names[0][: -len("/data.pkl")], data
-
-
-def _read_zip(path: Path, archive: zipfile.ZipFile, prefix: str, data: bytes):
-    """The restricted reader over a zip archive whose pickle `data` (under `prefix`) was checked."""
+    buffers: dict[str, torch.Tensor] = {}
 
     def storage(saved_id):
-        kind, storage_type, key, _location, numel = saved_id[:5]
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
-        raw = archive.read(f"{prefix}/data/{key}")
-        buffer = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return _typed(buffer, _dtype_of(storage_type))
+        if not isinstance(saved_id, tuple) or len(saved_id) < 5 or saved_id[0] != "storage":
+            raise pickle.UnpicklingError(f"unknown persistent id {str(saved_id)[:40]!r}")
+        _, storage_type, key, _location, _numel = saved_id[:5]
+        dtype = _storage_dtype(storage_type, path)
+        name = f"{prefix}/data/{key}"
+        if name not in buffers:               # a storage named twice is read once
+            try:
+                info = archive.getinfo(name)
+            except KeyError:
+                raise LLTError(f"{path}: its pickle names storage {str(key)[:40]!r}, which the archive lacks") from None
+            buffers[name] = torch.empty(info.file_size, dtype=torch.uint8)   # declared sizes were bounded
+            with archive.open(info) as f:
+                _fill(buffers[name], f.read, f"{path}: storage {key}")
+        return _typed(buffers[name], dtype)
 
-    reader = _Restricted(io.BytesIO(data), storage)
+    reader = _Restricted(io.BytesIO(data), storage, strict)
     return _run(reader, path), sorted(reader.skipped)
 
 
 # ------------------------------------------------------------------------------------------------ legacy
-def _read_legacy(path: Path, max_bytes: int):
+def _read_legacy(path: Path, f, size: int, strict: bool):
     """torch < 1.6's format: magic number, protocol, system info, the object (storages as persistent ids),
     the list of storage keys, then each storage as an int64 element count and its raw bytes."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise LLTError(f"{path}: {size:,} bytes, above the limit of {max_bytes:,} (--max-bytes to raise it)")
-    raw = path.read_bytes()
-    f = io.BytesIO(raw)
-
-    def small_pickle(what: str):
+    def small_pickle(what: str, limit: int = 1 << 20, storage=lambda sid: None):
         start = f.tell()
-        n = _check_pickle(raw[start:start + (1 << 20) + 1], path, what, limit=1 << 20)
-        reader = _Restricted(io.BytesIO(raw[start:start + n]), lambda sid: None)
+        window = f.read(limit + 1)
+        n = _check_pickle(window, path, what, limit=limit)
+        reader = _Restricted(io.BytesIO(window[:n]), storage, strict)
         obj = _run(reader, path)
         f.seek(start + n)
         return obj, reader
@@ -246,36 +392,37 @@ def _read_legacy(path: Path, max_bytes: int):
     protocol, _ = small_pickle("header")
     if protocol != LEGACY_PROTOCOL:
         raise LLTError(f"{path}: legacy torch format of protocol {protocol!r}, expected {LEGACY_PROTOCOL}")
-    small_pickle("header")                                   # system info (byte order, type sizes)
+    info, _ = small_pickle("header")                         # system info (byte order, type sizes)
+    if isinstance(info, dict) and info.get("little_endian") is False:
+        raise LLTError(f"{path}: written on a big-endian machine; llt reads little-endian checkpoints only")
     buffers: dict[str, tuple[torch.Tensor, int]] = {}
     declared = [0]
 
     def storage(saved_id):
-        kind = saved_id[0].decode() if isinstance(saved_id[0], bytes) else saved_id[0]
+        kind = saved_id[0].decode() if isinstance(saved_id, tuple) and saved_id and isinstance(saved_id[0], bytes) \
+            else (saved_id[0] if isinstance(saved_id, tuple) and saved_id else None)
         if kind == "module":
             return None                                      # the original's source-code record: unused
         if kind != "storage" or len(saved_id) != 6:
-            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+            raise pickle.UnpicklingError(f"unknown persistent id {str(kind)[:40]!r}")
         _, storage_type, key, _location, numel, view = saved_id
         if view is not None:
             raise LLTError(f"{path}: storage views (torch < 0.4) are not read")
-        dtype = _dtype_of(storage_type)
+        dtype = _storage_dtype(storage_type, path)
         element = torch.empty((), dtype=dtype).element_size()
+        if not isinstance(key, (str, bytes)) or not isinstance(numel, int):
+            raise LLTError(f"{path}: a malformed storage record")
         if key not in buffers:
-            nbytes = int(numel) * element
+            nbytes = numel * element
             declared[0] += nbytes
             if nbytes < 0 or declared[0] > size:
                 raise LLTError(f"{path}: declares storages of {declared[0]:,} bytes in a file of {size:,}; refused")
             buffers[key] = (torch.empty(nbytes, dtype=torch.uint8), element)
         return _typed(buffers[key][0], dtype)
 
-    start = f.tell()
-    n = _check_pickle(raw[start:start + MAX_PICKLE_BYTES + 1], path)
-    reader = _Restricted(io.BytesIO(raw[start:start + n]), storage)
-    obj = _run(reader, path)
-    f.seek(start + n)
+    obj, reader = small_pickle("pickle", MAX_PICKLE_BYTES, storage)
     keys, _ = small_pickle("storage list")
-    if not isinstance(keys, list) or set(keys) != set(buffers):
+    if not isinstance(keys, list) or len(keys) != len(buffers) or set(keys) != set(buffers):
         raise LLTError(f"{path}: its storage list does not match the storages its object uses (a damaged file)")
     for key in keys:
         buffer, element = buffers[key]
@@ -285,54 +432,71 @@ def _read_legacy(path: Path, max_bytes: int):
         (count,) = struct.unpack("<q", head)
         if count * element != buffer.numel():
             raise LLTError(f"{path}: storage {key} holds {count} elements, its object declared {buffer.numel() // element}")
-        data = f.read(buffer.numel())
-        if len(data) != buffer.numel():
-            raise LLTError(f"{path}: ends inside storage {key} (a truncated file)")
-        if data:
-            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        _fill(buffer, f.read, f"{path}: storage {key}")
     return obj, sorted(reader.skipped)
 
 
 # ------------------------------------------------------------------------------------------------ entry
-def _check_tensors(obj, path: Path, depth: int = 0) -> None:
-    """Every tensor reachable through dicts, lists and tuples addresses only its storage's elements."""
-    if depth > 64:
-        raise LLTError(f"{path}: nested more than 64 levels deep; refused")
-    if isinstance(obj, torch.Tensor):
-        check_view(obj.shape, obj.stride(), obj.storage_offset(),
-                   obj.untyped_storage().nbytes() // max(obj.element_size(), 1), f"{path}: a tensor")
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _check_tensors(v, path, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_tensors(v, path, depth + 1)
+def _check_tensors(obj, path: Path) -> None:
+    """Every tensor reachable through dicts, lists and tuples addresses only its storage's elements; each
+    object is visited once (a pickle can share one list a million times), at most MAX_OBJECTS in all."""
+    seen, todo = set(), [(obj, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if len(seen) > MAX_OBJECTS:
+            raise LLTError(f"{path}: holds more than {MAX_OBJECTS:,} objects; refused")
+        if depth > 64:
+            raise LLTError(f"{path}: nested more than 64 levels deep; refused")
+        if isinstance(item, torch.Tensor):
+            check_view(item.shape, item.stride(), item.storage_offset(),
+                       item.untyped_storage().nbytes() // max(item.element_size(), 1), f"{path}: a tensor")
+        elif isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend((v, depth + 1) for v in item)
 
 
-def read_tensors(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[object, list[str]]:
-    """(object with tensors and plain values, names of the classes skipped) of a checkpoint file, zip or
-    legacy format; never runs code from it and never allocates more than the limits allow. LLTError (one
-    line naming the file) for a missing, damaged, oversized or hostile file."""
+def _read(path: str | Path, max_bytes: int, strict: bool) -> tuple[object, list[str]]:
+    """The one reader: (object, names of skipped classes) of a torch file of either format."""
     path = Path(path)
     if not path.is_file():
         raise LLTError(f"{path}: no such file")
     if max_bytes < 1:
         raise LLTError(f"--max-bytes must be positive, got {max_bytes}")
-    if not zipfile.is_zipfile(path):
-        obj, skipped = _read_legacy(path, max_bytes)
-    else:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise LLTError(f"{path}: {size:,} bytes, above the limit of {max_bytes:,} (--max-bytes to raise it for a file "
+                       f"you trust to be that large)")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise LLTError(f"{path}: cannot read ({e.strerror})") from None
+    if is_zip:
         archive = check_zip(path, max_bytes)
         with archive:
-            prefix, data = _zip_pickle(path, archive)           # checked before torch's loader runs it
             try:
-                obj, skipped = torch.load(path, map_location="cpu", weights_only=True), []
-            except pickle.UnpicklingError:
-                obj, skipped = _read_zip(path, archive, prefix, data)       # other objects beside the tensors
-            except Exception as e:
-                text = str(e)
-                if "weights_only" not in text and "Unsupported global" not in text:
-                    raise LLTError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                                   f"{text.splitlines()[0][:160] if text else ''})") from None
-                obj, skipped = _read_zip(path, archive, prefix, data)
+                obj, skipped = _read_zip(path, archive, strict)
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+                raise LLTError(f"{path}: not a readable checkpoint (a damaged zip archive: {str(e)[:120]})") from None
+    else:
+        with open(path, "rb") as f:
+            obj, skipped = _read_legacy(path, f, size, strict)
     _check_tensors(obj, path)
     return obj, skipped
+
+
+def read_tensors(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[object, list[str]]:
+    """(object with tensors and plain values, names of the classes skipped) of a checkpoint file nobody
+    vouches for (the original's checkpoints and masks, exports, any file given to `llt import`/`eval`), zip
+    or legacy format; never runs code from it and never allocates more than the limits allow. LLTError (one
+    line naming the file) for a missing, damaged, oversized or hostile file."""
+    return _read(path, max_bytes, strict=False)
+
+
+def load_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
+    """The object in one of llt's own files (checkpoints, masks, stream.pt, teaching sets, exports): only what
+    llt writes (tensors, containers, strings and numbers) is accepted; anything else is refused in one line."""
+    return _read(path, max_bytes, strict=True)[0]

@@ -2,8 +2,8 @@
 
 Every file is written to a temporary name in the same folder, fsynced, renamed over its final name, and
 the folder is fsynced, so a crash never leaves a truncated file under the final name. Checkpoints are
-{'state': tensors, 'meta': JSON text}, loadable with torch.load(weights_only=True): reading one never
-runs code. This module sits below everything else in llt (data, pruning, runs import it).
+{'state': tensors, 'meta': JSON text}, read back only through llt.safeload's bounded reader: reading one never
+runs code nor allocates more than the file holds. This module sits below everything else in llt (data, pruning, runs import it).
 """
 
 from __future__ import annotations
@@ -104,19 +104,23 @@ def atomic_save_npz(path: str | Path, **arrays) -> None:
 
 
 def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None) -> None:
-    """A checkpoint is {'state': tensors, 'meta': JSON text}: loadable with torch.load(weights_only=True)."""
+    """A checkpoint is {'state': tensors, 'meta': JSON text}: what llt.safeload.load_file accepts."""
     atomic_torch_save(path, {"state": state_dict, "meta": json.dumps(meta or {})})
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
-    """(state_dict, meta) of a checkpoint written by save_checkpoint; never unpickles code."""
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, meta) of a checkpoint written by save_checkpoint, tensors on the CPU, read by the one
+    bounded reader (llt.safeload.load_file); LLTError of one line for a missing, damaged or hostile file."""
+    from llt import safeload
+
     path = Path(path)
     if not path.is_file():
         raise LLTError(f"missing checkpoint {path}")
+    obj = safeload.load_file(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict) or not isinstance(obj.get("meta"), str):
+        raise LLTError(f"{path}: not an llt checkpoint (expected a dict of tensors 'state' and JSON text 'meta')")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or malicious files
-        raise LLTError(f"{path}: not a valid llt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(obj, dict) or "state" not in obj or "meta" not in obj:
-        raise LLTError(f"{path}: not an llt checkpoint (expected keys 'state' and 'meta')")
-    return obj["state"], json.loads(obj["meta"])
+        meta = json.loads(obj["meta"])
+    except ValueError:
+        raise LLTError(f"{path}: not an llt checkpoint (its 'meta' is not JSON)") from None
+    return obj["state"], meta

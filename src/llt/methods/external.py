@@ -22,7 +22,7 @@ from llt.console import task_line
 from llt.context import open_run, prepare, resolve_device
 from llt.errors import LLTError
 from llt.export import export_state, infer_architecture, load_ticket, rebuild
-from llt.interop import load_external
+from llt.interop import convert, read_tensors
 from llt.methods.base import Done, Engine, history_record, load_teaching
 from llt.pruning.mask import Mask
 from llt.runs import RunDir, config_hash, ensure_writable
@@ -56,7 +56,21 @@ def evaluate_checkpoint(path: str, task: int, cfg: RunConfig, pruned: bool = Fal
     return {"row": row, "sa": sa, "density": density}
 
 
-def _mask_of(source: str, task: int, model, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Mask, Path | None]:
+def _read_inputs(sources, max_bytes: int) -> dict[str, tuple]:
+    """What each file among `sources` holds (read_tensors' result), read before anything is created or loaded:
+    a damaged or hostile file is refused in one line and leaves nothing behind. Folders are read later."""
+    return {str(Path(s)): read_tensors(s, max_bytes) for s in sources if s is not None and not Path(s).is_dir()}
+
+
+def _external(p: Path, model, max_bytes: int, keep_orig: bool, read: dict | None) -> tuple[dict, Mask | None, list]:
+    """(state, mask, skipped) of the file at `p`, from `read` when it was read already."""
+    obj, skipped = (read or {}).get(str(p)) or read_tensors(p, max_bytes)
+    state, mask = convert(obj, p, model, keep_orig)
+    return state, mask, skipped
+
+
+def _mask_of(source: str, task: int, model, max_bytes: int = DEFAULT_MAX_BYTES,
+             read: dict | None = None) -> tuple[Mask, Path | None]:
     """The mask for task k: from a run directory (its masks/task{k}.pt) or a mask/checkpoint file."""
     p = Path(source)
     if p.is_dir():
@@ -64,20 +78,21 @@ def _mask_of(source: str, task: int, model, max_bytes: int = DEFAULT_MAX_BYTES) 
         if not f.is_file():
             raise LLTError(f"{p} has no mask for task {task} ({f} is missing)")
         return Mask.load(f, model), p
-    _, mask, _ = load_external(p, model, max_bytes)
+    _, mask, _ = _external(p, model, max_bytes, False, read)
     if mask is None:
         raise LLTError(f"{p}: holds no mask (no *weight_mask entries)")
     return mask, None
 
 
-def _weights_of(source: str, model, max_bytes: int = DEFAULT_MAX_BYTES, keep_orig: bool = True) -> dict:
+def _weights_of(source: str, model, max_bytes: int = DEFAULT_MAX_BYTES, keep_orig: bool = True,
+                read: dict | None = None) -> dict:
     """The weights to start from. From a pruned file, pruned weights start at their stored weight_orig, as the
     original's main_train.py starts them (the re-training's own mask then decides what is kept); with
     keep_orig=False (a teacher) the file's own mask is applied."""
     p = Path(source)
     if p.is_dir():
         p = p / "checkpoints/init.pt"
-    state, _, skipped = load_external(p, model, max_bytes, keep_orig=keep_orig)
+    state, _, skipped = _external(p, model, max_bytes, keep_orig, read)
     if not state:
         raise LLTError(f"{p}: holds no weights")
     if skipped:
@@ -91,6 +106,7 @@ def retrain_subnetwork(weights: str, mask_src: str, task: int, cfg: RunConfig, p
     """main_train.py: train the subnetwork (weights under mask) on task k; a run directory with the result.
     A new run directory whose set-up fails (weights, mask or teacher that do not fit) is removed again.
     `into`: the existing run directory to continue (`llt resume`), whatever config fields were added since."""
+    read = _read_inputs((weights, mask_src, teacher), max_bytes)
     if into is not None:
         existed, rd = True, RunDir(into)
     else:
@@ -100,7 +116,7 @@ def retrain_subnetwork(weights: str, mask_src: str, task: int, cfg: RunConfig, p
         existed = (Path(out) / f"retrain-task{task}-{ident}").exists()
         rd = RunDir.create(out, f"retrain-task{task}-{ident}")
     try:
-        return _retrain(rd, weights, mask_src, task, cfg, preset, teacher, progress, max_bytes)
+        return _retrain(rd, weights, mask_src, task, cfg, preset, teacher, progress, max_bytes, read)
     except _SetupError as e:
         if not existed:
             shutil.rmtree(rd.path, ignore_errors=True)
@@ -112,7 +128,7 @@ class _SetupError(LLTError):
 
 
 def _retrain(rd: RunDir, weights: str, mask_src: str, task: int, cfg: RunConfig, preset: str | None,
-             teacher: str | None, progress: str, max_bytes: int) -> dict:
+             teacher: str | None, progress: str, max_bytes: int, read: dict) -> dict:
     with rd.lock():
         t = task - 1
         teaching, teacher_name = None, None
@@ -124,11 +140,12 @@ def _retrain(rd: RunDir, weights: str, mask_src: str, task: int, cfg: RunConfig,
             eng = Engine(ctx, cfg.train.epochs, progress)
             if not 1 <= task <= n:
                 raise LLTError(f"--task must be in 1..{n} for this stream, got {task}")
-            start = _weights_of(weights, eng.model, max_bytes)
-            mask, mask_run = _mask_of(mask_src, task, eng.model, max_bytes)
+            start = _weights_of(weights, eng.model, max_bytes, read=read)
+            mask, mask_run = _mask_of(mask_src, task, eng.model, max_bytes, read)
             if t > 0 and cfg.teaching.enabled:
                 if teacher:
-                    eng.load(_weights_of(teacher, eng.model, max_bytes, keep_orig=False), f"the teacher {teacher}")
+                    eng.load(_weights_of(teacher, eng.model, max_bytes, keep_orig=False, read=read),
+                             f"the teacher {teacher}")
                     teaching, teacher_name = eng.teaching(t), teacher
                 elif mask_run is not None and (mask_run / f"teaching/task{t}.pt").is_file():
                     teacher_name = str(mask_run / f"teaching/task{t}.pt")

@@ -70,6 +70,8 @@ def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket
         raise LLTError(f"{src_dir}: --init reference needs a Bottom-Up run (only those keep a dense reference per "
                        f"task); use original or random for a {summary['method']} run")
     cfg, _ = open_run(str(src_dir), data_dir)
+    # the tickets are read before anything is created: a damaged or hostile mask file leaves no folder behind
+    tickets = [Mask.load(src.file(f"masks/task{t}.pt")) for t in range(1, summary["num_tasks"] + 1)]
     out = Path(out_dir) if out_dir else src.path.parent
     name = retrain_name(src.path.name, init, mask)
     fresh = not (out / name).exists()
@@ -78,20 +80,22 @@ def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket
         try:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out)))
             ctx = prepare(cfg, None, rd=rd, need_pool=False)
-            return _retrain(ctx, src, summary, init, mask, progress)
+            return _retrain(ctx, src, summary, tickets, init, mask, progress)
         except BaseException:
             if fresh and not list(rd.path.glob("stages/*.done")):    # nothing finished: leave nothing behind
                 shutil.rmtree(rd.path, ignore_errors=True)
             raise
 
 
-def _retrain(ctx: Context, src: RunDir, summary: dict, init: str, mask_kind: str, progress: str) -> dict:
+def _retrain(ctx: Context, src: RunDir, summary: dict, tickets: list[Mask], init: str, mask_kind: str,
+             progress: str) -> dict:
     cfg, rd, n = ctx.cfg, ctx.rd, ctx.stream.num_tasks
     method = summary["method"]
     if summary["num_tasks"] != n:
         raise LLTError(f"{src.path}: the run has {summary['num_tasks']} tasks, its config now gives {n}")
     eng = Engine(ctx, n * cfg.train.epochs, progress)
-    tickets = [Mask.load(src.file(f"masks/task{t}.pt"), eng.model) for t in range(1, n + 1)]
+    for t, ticket in enumerate(tickets, 1):
+        ticket.check_fits(eng.model, str(src.file(f"masks/task{t}.pt")))
     check_monotone(tickets, method)
     if mask_kind == "ticket":
         masks = tickets

@@ -55,6 +55,7 @@ class Run:
     summary: dict
     config: dict
     layer_density: list[dict] = field(default_factory=list)   # per task: layer -> density (pruned runs)
+    iou: list[list[float]] | None = None                       # mask overlap (runs with masks)
 
     @property
     def name(self) -> str:
@@ -85,7 +86,10 @@ def load_run(path: str | Path) -> Run:
         if r.get("event") in ("ticket", "level", "retrain") and "per_layer_density" in r and \
                 (r["event"] != "level" or r.get("kind") == "ticket"):
             layer[r["task"]] = r["per_layer_density"]
-    return Run(path, summary, legacy_tree(manifest["config"]), [layer[t] for t in sorted(layer)])
+    # the masks are read now, before anything is written: a damaged or hostile mask file stops the report
+    # before report.md or any figure exists
+    return Run(path, summary, legacy_tree(manifest["config"]), [layer[t] for t in sorted(layer)],
+               mask_iou(path, summary["num_tasks"]))
 
 
 def group_key(run: Run) -> str:
@@ -462,14 +466,13 @@ def plot_layer_density(run: Run, out: Path) -> Path | None:
     return _save(fig, out / f"layer_density-{run.name}.png")
 
 
-def mask_iou(run: Run) -> list[list[float]] | None:
-    """Intersection over union of the task masks (None when the run has no masks)."""
+def mask_iou(path: Path, n: int) -> list[list[float]] | None:
+    """Intersection over union of the task masks of the run at `path` (None when it has no masks)."""
     import torch
 
     from llt.pruning.mask import Mask
 
-    n = run.summary["num_tasks"]
-    paths = [run.path / f"masks/task{t}.pt" for t in range(1, n + 1)]
+    paths = [path / f"masks/task{t}.pt" for t in range(1, n + 1)]
     if not all(p.is_file() for p in paths):
         return None
     masks = [Mask.load(p) for p in paths]
@@ -478,7 +481,7 @@ def mask_iou(run: Run) -> list[list[float]] | None:
 
 
 def plot_overlap(run: Run, out: Path) -> Path | None:
-    iou = mask_iou(run)
+    iou = run.iou
     if iou is None:
         return None
     plt = _plt()

@@ -1,0 +1,235 @@
+"""Every file llt reads goes through one bounded reader (llt.safeload), proven on a generated hostile corpus
+(tests/corpus.py: one file per global of torch's weights_only allow-list and per allocating pickle opcode,
+in the zip and the legacy layout) and by a fuzzer (scripts/fuzz_readers.py). Each corpus file is tried in a
+child process: refused in one line naming the file, no traceback, no file created or changed, and the
+child's peak resident memory under 1 GiB.
+
+Which entry points see which files: the reader itself, `llt eval --checkpoint`, `llt import` and
+`llt.load_ticket` see the whole corpus (a few hundredths of a second each); the entry points that load a
+dataset or a run first (`llt retrain --weights RUN --mask F`, and every run-directory command with every .pt
+of a run replaced: `llt report`, `llt resume`, `llt retrain RUN`, `llt eval RUN`) see one file of each kind
+in the suite (every opcode, one global per decision, both layouts) and the whole corpus in
+`scripts/hostile_corpus.py` (docs/reliability.md has its figures)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from corpus import as_zip, call_global, write_corpus
+
+from llt import safeload
+from llt.errors import LLTError
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 1 << 30
+PRESET = ["--preset", "demo", "--set", "model.width=4", "--set", "data.num_tasks=2"]
+TINY_BU = ["--set", "run.method=bu", "--set", "model.width=4", "--set", "train.epochs=1", "--set", "train.milestones=[1]",
+           "--set", "data.num_tasks=2", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
+           "--set", "prune.rate=0.2", "--set", "prune.finetune_epochs=1", "--set", "prune.max_rounds=1",
+           "--set", "prune.retrain_after=false"]
+
+
+def issue_file(path: Path) -> Path:
+    """The file of the report: a zip in torch's layout whose data.pkl is `bytearray(2_000_000_000)` (under 1 kB)."""
+    path.write_bytes(as_zip(call_global("builtins.bytearray", 2_000_000_000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    files = write_corpus(tmp / "files")
+    files["the reported bytearray file [zip]"] = issue_file(tmp / "bytearray.pt")
+    from llt.cli import main
+
+    out = tmp / "runs"
+    assert main(["run", "--preset", "demo", "--out", str(out), "--quiet", *TINY_BU]) == 0
+    [run] = list(out.iterdir())
+    return files, run, tmp
+
+
+def representatives(files: dict[str, Path]) -> dict[str, Path]:
+    """Every opcode payload, the reported file, and one global per decision of llt's, in both layouts."""
+    chosen, decided = {}, set()
+    for name in sorted(files):
+        if name.startswith("global:"):
+            qualname = name.split(":", 1)[1].split(" [")[0]
+            key = (safeload.TORCH_ALLOW_LIST_DECISIONS[qualname], name.endswith("[zip]"))
+            if key in decided and qualname not in ("builtins.bytearray", "torch.storage.UntypedStorage"):
+                continue
+            decided.add(key)
+        chosen[name] = files[name]
+    return chosen
+
+
+def in_child(spec: dict, tmp: Path) -> dict:
+    """Run tests/corpus_child.py on `spec` in a child process; its JSON result."""
+    (tmp / "scratch").mkdir(exist_ok=True)
+    spec = {"scratch": str(tmp / "scratch"), "preset_args": PRESET, **spec}
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(REPO / "tests/corpus_child.py"), str(path)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def failures(result: dict, files: dict[str, Path], names_file) -> list:
+    """Every call that was not a one-line refusal naming the file, or that created or changed a file."""
+    label = {str(p): name for name, p in files.items()}
+    bad = []
+    for path, calls in result["results"].items():
+        for entry, (code, text, changed, _seconds) in calls.items():
+            lines = [line for line in text.splitlines() if line.strip()]
+            if code != 2 or len(lines) != 1 or changed or "Traceback" in text or not names_file(path, lines[0]):
+                bad.append((label[path], entry, code, changed, text[-300:]))
+    return bad
+
+
+def test_llt_decided_every_global_of_the_installed_torch_allow_list():
+    allowed = pytest.importorskip("torch._weights_only_unpickler")._get_allowed_globals()
+    new = sorted(set(allowed) - set(safeload.TORCH_ALLOW_LIST))
+    assert not new, (f"torch {torch.__version__} allows {new} in weights_only files: decide each in "
+                     f"llt.safeload (TORCH_ALLOW_LIST) and add it to the corpus")
+    assert set(safeload.TORCH_ALLOW_LIST_DECISIONS.values()) <= {"rebuilt", "storage", "dtype", "placeholder"}
+
+
+def test_every_corpus_file_is_refused_by_the_reader_and_the_file_entry_points_in_bounded_memory(corpus):
+    files, run, tmp = corpus
+    assert len(files) == 2 * (len(safeload.TORCH_ALLOW_LIST) + 12) + 1
+    result = in_child({"mode": "file", "files": [str(p) for p in files.values()], "run": str(run),
+                       "entries": ["read_tensors", "load_file", "llt eval --checkpoint", "llt import",
+                                   "llt.load_ticket"]}, tmp)
+    assert failures(result, files, lambda path, line: path in line) == []
+    assert result["peak_rss"] < GB, f"peak resident memory {result['peak_rss'] / GB:.2f} GiB"
+    assert not (tmp / "scratch/out").exists()
+    issue = result["results"][str(files["the reported bytearray file [zip]"])]
+    assert "refusing to call builtins.bytearray" in issue["llt eval --checkpoint"][1]
+
+
+def test_representative_corpus_files_are_refused_by_retrain_and_every_run_directory_command(corpus):
+    files, run, tmp = corpus
+    chosen = representatives(files)
+    result = in_child({"mode": "file", "files": [str(p) for p in chosen.values()], "run": str(run),
+                       "entries": ["llt retrain --weights RUN --mask"]}, tmp)
+    assert failures(result, chosen, lambda path, line: path in line) == []
+    assert result["peak_rss"] < GB
+    copy = tmp / "scratch/run"
+    result = in_child({"mode": "rundir", "files": [str(p) for p in chosen.values()], "run": str(run)}, tmp)
+    assert failures(result, chosen, lambda path, line: f"{copy}/" in line and ".pt: " in line) == []
+    assert result["peak_rss"] < GB
+    assert not (tmp / "scratch/report").exists() and not (tmp / "scratch/retrained").exists()
+    entries = {e for calls in result["results"].values() for e in calls}
+    assert entries == {"llt report RUN", "llt resume RUN", "llt retrain RUN", "llt eval RUN"}
+
+
+def test_the_corpus_fails_when_an_entry_point_bypasses_the_reader(corpus):
+    """The same check with llt's reader swapped for a plain torch.load(weights_only=True): the reported file
+    drives the child over the memory cap (torch's allow-list admits bytearray(n)), so the test would fail."""
+    files, run, tmp = corpus
+    path = files["the reported bytearray file [zip]"]
+    result = in_child({"mode": "file", "files": [str(path)], "run": str(run), "entries": ["llt import"],
+                       "bypass": True}, tmp)
+    bad = failures(result, files, lambda p, line: p in line)
+    assert bad or result["peak_rss"] > GB, "a bypassed reader went unnoticed"
+    assert result["peak_rss"] > GB
+
+
+def test_the_fuzzer_finds_only_reads_and_one_line_refusals_within_bounded_memory():
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(REPO / "scripts/fuzz_readers.py"), "--examples", "150", "--seed", "0"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 0 and out["failure_count"] == 0, out["failures"]
+    assert out["files_tried"] == 150 and out["reads"] + out["refusals"] == 300 and out["peak_rss_bytes"] < GB
+
+
+def forbidden_loads(source: str, filename: str) -> list[str]:
+    """The torch.load / pickle.load(s) / Unpickler uses in `source` (llt/safeload.py and llt/data/files.py may
+    subclass pickle.Unpickler: the one reader, and the CIFAR archives' restricted unpickler)."""
+    allowed = {"safeload.py": {"Unpickler"}, "files.py": {"Unpickler"}}.get(filename, set())
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = None
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "torch" and node.attr == "load" or \
+                    node.value.id == "pickle" and node.attr in ("load", "loads", "Unpickler"):
+                name = f"{node.value.id}.{node.attr}"
+        elif isinstance(node, ast.ImportFrom) and node.module in ("torch", "pickle", "torch.serialization"):
+            hits = [a.name for a in node.names if a.name in ("load", "loads", "Unpickler")]
+            name = f"from {node.module} import {', '.join(hits)}" if hits else None
+        if name and name.split(".")[-1] not in allowed:
+            found.append(f"{filename}:{node.lineno}: {name}")
+    return found
+
+
+def test_no_torch_load_or_unpickling_outside_the_one_reader():
+    found = [hit for path in sorted((REPO / "src/llt").rglob("*.py")) for hit in forbidden_loads(path.read_text(), path.name)]
+    assert found == []
+
+
+def test_the_source_check_sees_a_planted_torch_load():
+    assert forbidden_loads("import torch\nstate = torch.load('x.pt', weights_only=True)\n", "storage.py") == \
+        ["storage.py:2: torch.load"]
+    assert forbidden_loads("from torch import load\nimport pickle\npickle.loads(b'')\n", "report.py") == \
+        ["report.py:1: from torch import load", "report.py:3: pickle.loads"]
+    assert forbidden_loads("import pickle\nclass R(pickle.Unpickler): pass\n", "safeload.py") == []
+
+
+def test_every_file_of_a_run_directory_reads_bit_identically_to_torch_load(corpus):
+    _, run, _ = corpus
+    paths = sorted(run.rglob("*.pt"))
+    assert len(paths) >= 10
+    for p in paths:
+        ours, theirs = safeload.load_file(p), torch.load(p, map_location="cpu", weights_only=True)
+        assert same(ours, theirs), p
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+                and torch.equal(a, b))
+    if isinstance(a, dict):
+        return type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_a_storage_named_many_times_is_read_once_and_shared_containers_are_walked_once(tmp_path):
+    t = torch.arange(1000, dtype=torch.float32)
+    nested: list = [t]
+    for _ in range(40):                       # 2^40 paths through the same list: walked once per object
+        nested = [nested, nested]
+    path = tmp_path / "shared.pt"
+    torch.save({"views": [t[i:i + 10] for i in range(500)], "nested": nested}, path)
+    obj = safeload.load_file(path)
+    storages = {v.untyped_storage().data_ptr() for v in obj["views"]}
+    assert len(storages) == 1 and torch.equal(obj["views"][3], t[3:13])
+
+
+def test_limits_refuse_in_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "many.pt"
+    torch.save({f"t{i}": torch.zeros(1) for i in range(30)}, path)
+    monkeypatch.setattr(safeload, "MAX_ZIP_ENTRIES", 10)
+    with pytest.raises(LLTError, match=r"many.pt: a zip archive of \d+ entries .* above the limit of 10"):
+        safeload.load_file(path)
+    monkeypatch.undo()
+    big = tmp_path / "big.pt"
+    torch.save({"w": torch.zeros(1000)}, big)
+    with pytest.raises(LLTError, match=r"big.pt: .* above the limit of 100 "):
+        safeload.load_file(big, max_bytes=100)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"n": torch.Size([2, 3])}, foreign)
+    assert safeload.read_tensors(foreign)[0]["n"] == torch.Size([2, 3])
+    with pytest.raises(LLTError, match="foreign.pt: names torch.Size, which llt's own files never hold; refused"):
+        safeload.load_file(foreign)
