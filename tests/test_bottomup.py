@@ -215,10 +215,10 @@ def test_tinyimagenet_preset_runs_end_to_end_on_64x64_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("command, name, damage, message", [
     ("eval", "checkpoints/task1.pt", "truncated", "checkpoints/task1.pt: not a valid llt checkpoint"),
-    ("eval", "checkpoints/task1.pt", "code", "checkpoints/task1.pt: not a valid llt checkpoint (UnpicklingError"),
+    ("eval", "checkpoints/task1.pt", "code", "checkpoints/task1.pt: not a valid llt checkpoint (names posix.system"),
     ("eval", "manifest.json", "schema", "manifest.json: not a valid llt manifest"),
     ("retrain", "masks/task2.pt", "truncated", "masks/task2.pt: not a valid llt checkpoint"),
-    ("retrain", "checkpoints/init.pt", "code", "checkpoints/init.pt: not a valid llt checkpoint (UnpicklingError"),
+    ("retrain", "checkpoints/init.pt", "code", "checkpoints/init.pt: not a valid llt checkpoint (names posix.system"),
     ("retrain", "summary.json", "schema", "summary must be a JSON object"),
     ("report", "summary.json", "keys", "not an llt summary (missing dataset, seed, accuracy_matrix"),
     ("report", "summary.json", "json", "summary.json: not valid JSON"),

@@ -187,7 +187,7 @@ def test_resume_of_a_finished_run_checks_every_stage_and_changes_nothing(dense_r
     ("manifest-schema", "manifest.json: not a valid llt manifest"),
     ("format", "was written by run-directory format 0; this llt writes format 2"),
     ("truncated", "checkpoints/task1.pt: not a valid llt checkpoint"),
-    ("code", "checkpoints/task1.pt: not a valid llt checkpoint (UnpicklingError"),
+    ("code", "checkpoints/task1.pt: not a valid llt checkpoint (names posix.system"),
     ("retrain-json", "retrain.json: not a valid re-training record"),
 ])
 def test_resume_refuses_files_that_are_not_what_they_claim(dense_run, tmp_path, capsys, damage, message):

@@ -116,7 +116,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise LLTError(f"missing checkpoint {path}")
-    obj = safeload.load_file(path)
+    try:
+        obj = safeload.load_file(path)
+    except LLTError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        raise LLTError(f"{path}: not a valid llt checkpoint ({reason})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict) or not isinstance(obj.get("meta"), str):
         raise LLTError(f"{path}: not an llt checkpoint (expected a dict of tensors 'state' and JSON text 'meta')")
     try:
