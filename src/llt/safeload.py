@@ -40,6 +40,7 @@ import pickletools
 import struct
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -474,17 +475,21 @@ def _read(path: str | Path, max_bytes: int, strict: bool) -> tuple[object, list[
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
         raise LLTError(f"{path}: cannot read ({e.strerror})") from None
-    if is_zip:
-        archive = check_zip(path, max_bytes)
-        with archive:
-            try:
-                obj, skipped = _read_zip(path, archive, strict)
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-                raise LLTError(f"{path}: not a readable checkpoint (a damaged zip archive: {str(e)[:120]})") from None
-    else:
-        with open(path, "rb") as f:
-            obj, skipped = _read_legacy(path, f, size, strict)
-    _check_tensors(obj, path)
+    with warnings.catch_warnings():              # torch's TypedStorage deprecation note is not for the user
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        if is_zip:
+            archive = check_zip(path, max_bytes)
+            with archive:
+                try:
+                    obj, skipped = _read_zip(path, archive, strict)
+                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError,
+                        KeyError, struct.error, zlib.error) as e:    # a damaged archive (ValueError: a name in
+                    raise LLTError(f"{path}: not a readable checkpoint (a damaged zip archive: "   # bad UTF-8)
+                                   f"{type(e).__name__}: {str(e)[:120]})") from None
+        else:
+            with open(path, "rb") as f:
+                obj, skipped = _read_legacy(path, f, size, strict)
+        _check_tensors(obj, path)
     return obj, skipped
 
 
