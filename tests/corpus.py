@@ -9,7 +9,10 @@ import io
 import pickle
 import struct
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
+
+import torch
 
 from llt.safeload import LEGACY_MAGIC, LEGACY_PROTOCOL, TORCH_ALLOW_LIST
 
@@ -48,30 +51,88 @@ OPCODES = {
 }
 
 
+def _dag(depth: int = 60) -> bytes:
+    """Opcodes that push a tuple t_depth with t_0 = (1,), t_i = (t_{i-1}, t_{i-1}): 2^depth paths in a few
+    hundred bytes (each t_i memoized and popped, then fetched twice for the next)."""
+    out = b"K\x01\x85q\x000"                                   # (1,) -> memo 0
+    for i in range(1, depth + 1):
+        out += b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + bytes([i]) + b"0"
+    return out + b"h" + bytes([depth])
+
+
+class _Storage:
+    pass
+
+
+_ONE_FLOAT = _Storage()
+
+
+class _Resized:
+    """A tensor over one float whose pickled state (BUILD) asks for 2^28 elements of the same storage:
+    torch's Tensor.__setstate__ would resize the storage to 1 GiB."""
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, (_ONE_FLOAT, 0, (1,), (1,), False, OrderedDict()),
+                (_ONE_FLOAT, 0, (1 << 28,), (1,)))
+
+
+def tensor_resized_by_build(layout: str) -> bytes:
+    """The _Resized tensor in a real file of `layout` (its one storage holds one float)."""
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is not _ONE_FLOAT:
+                return None
+            return ("storage", torch.FloatStorage, "0", "cpu", 1) + ((None,) if layout == "legacy" else ())
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump({"w": _Resized()})
+    if layout == "zip":
+        return as_zip(buf.getvalue(), {"0": struct.pack("<f", 1.0)})
+    return as_legacy(buf.getvalue(), {"0": struct.pack("<f", 1.0)})
+
+
+STRUCTURES = {
+    "tensor-BUILD-resize": tensor_resized_by_build,
+    "shared-tuple-as-dict-key": b"\x80\x02}" + _dag() + b"K\x00s.",
+    "shared-tuple-as-persistent-id": b"\x80\x02" + _dag() + b"Q.",
+    "shared-tuple-as-set": b"\x80\x04\x8f(" + _dag() + b"\x90.",
+    "globals-flood": b"\x80\x04(" + b"".join(b"\x8c\x06module\x8c\x05n%04d\x93" % i for i in range(2000)) + b"l.",
+    "newline-in-name": b"\x80\x04\x8c\x0eos\nsystem\nfake\x8c\x01x\x93)R.",
+    "OrderedDict-from-arguments": b"\x80\x02ccollections\nOrderedDict\n]K\x01K\x02\x86a\x85R.",
+}
+
+
 def payloads() -> dict[str, bytes]:
-    """Every hostile pickle by name: `global:<qualname>` for each allow-list entry, `op:<opcode>` for each opcode."""
+    """Every hostile pickle by name: `global:<qualname>` for each allow-list entry, `op:<opcode>` for each
+    opcode, `struct:<name>` for each structure."""
     out = {f"global:{g}": call_global(g) for g in TORCH_ALLOW_LIST}
     out.update({f"op:{name}": body for name, body in OPCODES.items()})
+    out.update({f"struct:{name}": body for name, body in STRUCTURES.items()})
     return out
 
 
-def as_zip(pkl: bytes) -> bytes:
-    """`pkl` as the data.pkl of a file in torch's zip layout."""
+def as_zip(pkl: bytes, storages: dict[str, bytes] | None = None) -> bytes:
+    """`pkl` as the data.pkl of a file in torch's zip layout (with `storages` as archive/data/<key>)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", pkl)
+        for key, raw in (storages or {}).items():
+            z.writestr(f"archive/data/{key}", raw)
         z.writestr("archive/byteorder", "little")
         z.writestr("archive/version", "3\n")
     return buf.getvalue()
 
 
-def as_legacy(pkl: bytes) -> bytes:
-    """`pkl` as the object of a file in torch's legacy layout (magic, protocol, system info, object, keys)."""
+def as_legacy(pkl: bytes, storages: dict[str, bytes] | None = None) -> bytes:
+    """`pkl` as the object of a file in torch's legacy layout (magic, protocol, system info, object, keys, then
+    each of `storages` (float32) as its element count and bytes)."""
     buf = io.BytesIO()
     for head in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"protocol_version": LEGACY_PROTOCOL, "little_endian": True}):
         pickle.dump(head, buf, protocol=2)
     buf.write(pkl)
-    pickle.dump([], buf, protocol=2)
+    pickle.dump(list(storages or {}), buf, protocol=2)
+    for raw in (storages or {}).values():
+        buf.write(struct.pack("<q", len(raw) // 4) + raw)
     return buf.getvalue()
 
 
@@ -82,6 +143,6 @@ def write_corpus(folder: Path) -> dict[str, Path]:
     for i, (name, pkl) in enumerate(sorted(payloads().items())):
         for layout, wrap in (("zip", as_zip), ("legacy", as_legacy)):
             path = folder / f"{i:03d}-{layout}.pt"
-            path.write_bytes(wrap(pkl))
+            path.write_bytes(pkl(layout) if callable(pkl) else wrap(pkl))
             files[f"{name} [{layout}]"] = path
     return files

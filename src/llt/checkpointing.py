@@ -123,7 +123,7 @@ class EpochCheckpoint:
             meta = json.loads(obj["meta"])
             if meta["kind"] != KIND:
                 raise ValueError(meta["kind"])
-        except (TypeError, KeyError, ValueError, IndexError):
+        except (TypeError, KeyError, ValueError, IndexError, RecursionError):
             print(f"[llt] note: ignoring {self.path}: not an llt epoch checkpoint; this training starts from the "
                   f"beginning of its stage", file=sys.stderr)
             return None

@@ -49,9 +49,11 @@ import torch
 from llt.errors import LLTError
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024    # full-width dense checkpoint with SGD momentum: about 90 MB
-MAX_PICKLE_BYTES = 4 * 1024 * 1024       # a state_dict with an optimizer pickles to well under 1 MB
+MAX_PICKLE_BYTES = 1024 * 1024          # the largest llt pickle (an epoch checkpoint with its optimizer) is 35 kB
 MAX_MEMO = 1 << 20                       # memo indices: one per object at most, far fewer than the pickle's bytes
 MAX_ZIP_ENTRIES = 100_000                # an llt checkpoint has one entry per tensor (a few hundred)
+MAX_ZIP_DIRECTORY = 8 * 1024 * 1024      # bytes of central directory zipfile parses (about 150,000 entries at most)
+MAX_GLOBALS = 1_000                      # distinct globals one file may name
 MAX_INT_BITS = 128                     # the legacy format's magic number has 77 bits
 MAX_OBJECTS = 1_000_000                  # containers and tensors walked when checking what was read
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -62,6 +64,23 @@ _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
                    "BoolStorage": torch.bool}
+
+
+_DTYPES = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}   # vars: no lazy torch imports
+
+
+def _text(value, limit: int = 80) -> str:
+    """A value from the file, safe to put in a one-line message: short printable strings and numbers as
+    they are, anything else by its type (formatting a shared structure from a file can take forever)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:limit]).decode("latin-1")
+    if isinstance(value, str):
+        return value if value.isprintable() and len(value) <= limit else repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, (bool, float)) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+    return f"a {type(value).__name__}"
 
 
 class _StorageType:
@@ -153,7 +172,7 @@ def decision(qualname: str) -> str:
         return "rebuilt"
     if module == "torch" and name in _STORAGE_DTYPES or qualname in ("torch.storage.UntypedStorage",):
         return "storage"
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+    if module == "torch" and name in _DTYPES:
         return "dtype"
     return "placeholder"
 
@@ -196,45 +215,111 @@ TORCH_ALLOW_LIST_DECISIONS = {g: decision(g) for g in TORCH_ALLOW_LIST}
 def _find(module: str, name: str, strict: bool):
     """What a global named in the file resolves to: llt's own rebuild functions, storage-type tokens, dtypes,
     or (foreign files only) an inert placeholder. Strict mode refuses anything llt's own files never hold."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        raise LLTError("names a global that is not a string; refused")
     full = f"{module}.{name}"
     if full in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"):
         return _rebuild_tensor
     if full in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
         return _rebuild_parameter
     if full == "collections.OrderedDict":
-        return OrderedDict
+        return _ordered_dict
     if module == "torch" and name in _STORAGE_DTYPES:
         return _StorageType(full, _STORAGE_DTYPES[name])
     if full == "torch.storage.UntypedStorage":
         return _StorageType(full, torch.uint8)
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
+    if module == "torch" and name in _DTYPES:
+        return _DTYPES[name]
     if strict:
-        raise LLTError(f"names {full}, which llt's own files never hold; refused")
+        raise LLTError(f"names {_text(full)}, which llt's own files never hold; refused")
     if full == "collections.defaultdict":
         return lambda *args: {}
     if full == "torch.device":
         return torch.device
     if full == "torch.Size":
         return torch.Size
-    return _placeholder(full)
+    return _placeholder(_text(full))
 
 
-class _Restricted(pickle.Unpickler):
-    """The restricted unpickler; `storage(saved_id)` resolves persistent ids (format-specific)."""
+def _ordered_dict(*args):
+    """collections.OrderedDict as torch pickles it: built empty, filled by SETITEMS (whose keys are checked)."""
+    if args:
+        raise LLTError("builds an OrderedDict from arguments, which torch's files never do; refused")
+    return OrderedDict()
+
+
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+class _Restricted(pickle._Unpickler):             # noqa: SLF001 (the Python unpickler: its opcodes can be replaced)
+    """The restricted unpickler; `storage(saved_id)` resolves persistent ids (format-specific). Beside
+    find_class, three opcodes are replaced: BUILD (an object's state) applies only to placeholders (on a
+    tensor it would call Tensor.__setstate__, which resizes its storage to a size from the file); dict keys
+    (SETITEM, SETITEMS) and set elements (ADDITEMS, FROZENSET) must be scalars (hashing a shared tuple
+    structure from a file can take forever)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)   # noqa: SLF001
 
     def __init__(self, stream, storage, strict: bool):
         super().__init__(stream)
-        self.storage, self.strict, self.skipped = storage, strict, set()
+        self.storage, self.strict, self.skipped, self.globals = storage, strict, set(), {}
 
     def find_class(self, module: str, name: str):
-        found = _find(module, name, self.strict)
-        if isinstance(found, _Refuse) and module not in ("builtins", "__builtin__"):
-            self.skipped.add(found.qualname)       # a builtin named as a value (defaultdict's factory) is not
-        return found                               # a skipped object; calling it is still refused
+        key = (module, name)
+        if key not in self.globals:
+            if len(self.globals) >= MAX_GLOBALS:
+                raise LLTError(f"names more than {MAX_GLOBALS:,} globals; refused")
+            found = _find(module, name, self.strict)
+            if isinstance(found, _Refuse) and module not in ("builtins", "__builtin__"):
+                self.skipped.add(found.qualname)   # a builtin named as a value (defaultdict's factory) is not
+            self.globals[key] = found              # a skipped object; calling it is still refused
+        return self.globals[key]
 
     def persistent_load(self, saved_id):
         return self.storage(saved_id)
+
+    def _build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(type(inst), _Refuse):
+            raise LLTError(f"sets the state of {_text(inst)}, which only skipped objects may have; refused")
+        inst.state = state
+
+    def _keys(self, keys):
+        if not all(isinstance(k, _SCALARS) for k in keys):
+            raise LLTError("uses a key or set element that is not a string or a number; refused")
+
+    def _setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._keys((key,))
+        self.stack[-1][key] = value
+
+    def _setitems(self):
+        items = self.pop_mark()
+        self._keys(items[0::2])
+        target = self.stack[-1]
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def _additems(self):
+        items = self.pop_mark()
+        self._keys(items)
+        target = self.stack[-1]
+        if isinstance(target, set):
+            target.update(items)
+        else:
+            raise LLTError("adds set elements to something that is not a set; refused")
+
+    def _frozenset(self):
+        items = self.pop_mark()
+        self._keys(items)
+        self.append(frozenset(items))
+
+    dispatch[pickle.BUILD[0]] = _build
+    dispatch[pickle.SETITEM[0]] = _setitem
+    dispatch[pickle.SETITEMS[0]] = _setitems
+    dispatch[pickle.ADDITEMS[0]] = _additems
+    dispatch[pickle.FROZENSET[0]] = _frozenset
 
 
 _LENGTH_OPS = {"FRAME"}
@@ -275,15 +360,18 @@ def _run(reader: _Restricted, path: Path):
         return reader.load()
     except LLTError as e:
         raise LLTError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else ""
+    except RecursionError:
+        raise LLTError(f"{path}: cannot read (nested too deeply)") from None
+    except Exception as e:    # a KeyError's text is the repr of its key, which may be a huge shared structure
+        text = "" if isinstance(e, (KeyError, LookupError)) else str(e)
+        msg = text.splitlines()[0][:160] if text else ""
         raise LLTError(f"{path}: cannot read ({type(e).__name__}: {msg})") from None
 
 
 def _storage_dtype(storage_type, path: Path) -> torch.dtype:
     if not isinstance(storage_type, _StorageType):
-        raise LLTError(f"{path}: a storage of type {getattr(storage_type, 'qualname', type(storage_type).__name__)}, "
-                       f"which llt does not read")
+        what = storage_type.qualname if isinstance(type(storage_type), _Refuse) else _text(storage_type)
+        raise LLTError(f"{path}: a storage of type {what}, which llt does not read")
     return storage_type.dtype
 
 
@@ -317,9 +405,9 @@ def check_zip(path: Path, max_bytes: int) -> zipfile.ZipFile:
     if not end:
         raise LLTError(f"{path}: not a torch checkpoint (a damaged zip archive)")
     entries, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
-    if entries > MAX_ZIP_ENTRIES or directory > MAX_ZIP_ENTRIES * 1024:
+    if entries > MAX_ZIP_ENTRIES or directory > MAX_ZIP_DIRECTORY:
         raise LLTError(f"{path}: a zip archive of {entries:,} entries ({directory:,} bytes of directory), above the "
-                       f"limit of {MAX_ZIP_ENTRIES:,}; refused")
+                       f"limits of {MAX_ZIP_ENTRIES:,} entries and {MAX_ZIP_DIRECTORY:,} bytes; refused")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as e:
@@ -332,6 +420,11 @@ def check_zip(path: Path, max_bytes: int) -> zipfile.ZipFile:
         archive.close()
         raise LLTError(f"{path}: declares {total:,} bytes once uncompressed, above the limit of {max_bytes:,} "
                        f"(--max-bytes to raise it for a file you trust to be that large)")
+    packed = [i for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size]
+    if packed:
+        archive.close()
+        raise LLTError(f"{path}: entry {_text(packed[0].filename)} is compressed; torch stores every entry as it is, and "
+                       f"a compressed entry can expand far beyond its declared size; refused")
     return archive
 
 
@@ -352,18 +445,20 @@ def _read_zip(path: Path, archive: zipfile.ZipFile, strict: bool):
 
     def storage(saved_id):
         if not isinstance(saved_id, tuple) or len(saved_id) < 5 or saved_id[0] != "storage":
-            raise pickle.UnpicklingError(f"unknown persistent id {str(saved_id)[:40]!r}")
+            raise LLTError(f"an unknown persistent id ({_text(saved_id)}); refused")
         _, storage_type, key, _location, _numel = saved_id[:5]
         dtype = _storage_dtype(storage_type, path)
+        if not isinstance(key, str):
+            raise LLTError(f"{path}: a storage key that is not a string ({_text(key)}); refused")
         name = f"{prefix}/data/{key}"
         if name not in buffers:               # a storage named twice is read once
             try:
                 info = archive.getinfo(name)
             except KeyError:
-                raise LLTError(f"{path}: its pickle names storage {str(key)[:40]!r}, which the archive lacks") from None
+                raise LLTError(f"{path}: its pickle names storage {_text(key)}, which the archive lacks") from None
             buffers[name] = torch.empty(info.file_size, dtype=torch.uint8)   # declared sizes were bounded
             with archive.open(info) as f:
-                _fill(buffers[name], f.read, f"{path}: storage {key}")
+                _fill(buffers[name], f.read, f"{path}: storage {_text(key)}")
         return _typed(buffers[name], dtype)
 
     reader = _Restricted(io.BytesIO(data), storage, strict)
@@ -392,7 +487,7 @@ def _read_legacy(path: Path, f, size: int, strict: bool):
         raise LLTError(f"{path}: not a torch checkpoint (neither a zip archive nor torch's legacy format)")
     protocol, _ = small_pickle("header")
     if protocol != LEGACY_PROTOCOL:
-        raise LLTError(f"{path}: legacy torch format of protocol {protocol!r}, expected {LEGACY_PROTOCOL}")
+        raise LLTError(f"{path}: legacy torch format of protocol {_text(protocol)}, expected {LEGACY_PROTOCOL}")
     info, _ = small_pickle("header")                         # system info (byte order, type sizes)
     if isinstance(info, dict) and info.get("little_endian") is False:
         raise LLTError(f"{path}: written on a big-endian machine; llt reads little-endian checkpoints only")
@@ -405,7 +500,7 @@ def _read_legacy(path: Path, f, size: int, strict: bool):
         if kind == "module":
             return None                                      # the original's source-code record: unused
         if kind != "storage" or len(saved_id) != 6:
-            raise pickle.UnpicklingError(f"unknown persistent id {str(kind)[:40]!r}")
+            raise LLTError(f"an unknown persistent id ({_text(kind)}); refused")
         _, storage_type, key, _location, numel, view = saved_id
         if view is not None:
             raise LLTError(f"{path}: storage views (torch < 0.4) are not read")
@@ -423,17 +518,19 @@ def _read_legacy(path: Path, f, size: int, strict: bool):
 
     obj, reader = small_pickle("pickle", MAX_PICKLE_BYTES, storage)
     keys, _ = small_pickle("storage list")
-    if not isinstance(keys, list) or len(keys) != len(buffers) or set(keys) != set(buffers):
+    if not isinstance(keys, list) or not all(isinstance(k, (str, bytes)) for k in keys) or \
+            len(keys) != len(buffers) or set(keys) != set(buffers):
         raise LLTError(f"{path}: its storage list does not match the storages its object uses (a damaged file)")
     for key in keys:
         buffer, element = buffers[key]
         head = f.read(8)
         if len(head) != 8:
-            raise LLTError(f"{path}: ends before storage {key} (a truncated file)")
+            raise LLTError(f"{path}: ends before storage {_text(key)} (a truncated file)")
         (count,) = struct.unpack("<q", head)
         if count * element != buffer.numel():
-            raise LLTError(f"{path}: storage {key} holds {count} elements, its object declared {buffer.numel() // element}")
-        _fill(buffer, f.read, f"{path}: storage {key}")
+            raise LLTError(f"{path}: storage {_text(key)} holds {count} elements, its object declared "
+                           f"{buffer.numel() // element}")
+        _fill(buffer, f.read, f"{path}: storage {_text(key)}")
     return obj, sorted(reader.skipped)
 
 

@@ -121,10 +121,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     except LLTError as e:
         reason = str(e).removeprefix(f"{path}: ")
         raise LLTError(f"{path}: not a valid llt checkpoint ({reason})") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict) or not isinstance(obj.get("meta"), str):
+    if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict) or not isinstance(obj.get("meta"), str) \
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj["state"].items()):
         raise LLTError(f"{path}: not an llt checkpoint (expected a dict of tensors 'state' and JSON text 'meta')")
     try:
         meta = json.loads(obj["meta"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise LLTError(f"{path}: not an llt checkpoint (its 'meta' is not JSON)") from None
+    if not isinstance(meta, dict):
+        raise LLTError(f"{path}: not an llt checkpoint (its 'meta' is not a JSON object)")
     return obj["state"], meta

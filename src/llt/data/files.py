@@ -59,10 +59,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle(data: bytes, source: str):
-    """Unpickle `data` (bytes of a file named `source`) admitting only containers and numpy arrays."""
+    """Unpickle `data` (bytes of a file named `source`) admitting only containers and numpy arrays. The
+    pickle's opcodes are checked first (llt.safeload: no length past the end of the data, no huge integer or
+    memo index), so nothing it declares can allocate more than the file holds."""
+    from llt.safeload import _check_pickle
+
+    _check_pickle(data, source, limit=len(data))
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError,
             KeyError, UnicodeDecodeError) as e:
         raise LLTError(f"{source}: refused to unpickle ({e}); the file is corrupt or not a dataset pickle") from None
 
