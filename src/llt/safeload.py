@@ -12,8 +12,9 @@ fails when an installed torch adds one llt has not decided).
 
 No allocation whose size comes from the file is made before it is checked:
 - the file's size against `max_bytes` (DEFAULT_MAX_BYTES, a few times the largest PreAct-ResNet-18
-  checkpoint with its optimizer); a zip's entry count and central directory (read from its end record
-  before the archive is parsed), and its declared uncompressed sizes, all entries together;
+  checkpoint with its optimizer); a zip's entry count and central-directory size (read from its end record
+  before zipfile parses the directory); its entries stored, not compressed (as torch writes them), their
+  declared sizes together within `max_bytes` and within the file;
 - the pickle, opcode by opcode (pickletools), before it is run: at most MAX_PICKLE_BYTES long (so that the
   objects it can build are bounded), no length beyond the bytes that follow it (BINBYTES8, BYTEARRAY8,
   BINUNICODE8, LONG4, FRAME, ...), no integer over MAX_INT_BITS bits, no memo index beyond MAX_MEMO (a memo index is
@@ -21,6 +22,11 @@ No allocation whose size comes from the file is made before it is checked:
 - every storage against the bytes the file holds (each read once, however often the pickle names it), and
   every tensor's size, strides and offset against its storage: no view may address more elements than its
   storage holds (a stride-0 view of one float "holding" 10^9 elements is refused).
+
+The unpickler is Python's own (pickle._Unpickler) with BUILD allowed only on placeholders (on a tensor it
+would call Tensor.__setstate__, which resizes the storage to a size from the file), dict keys and set
+elements restricted to strings and numbers (hashing a tuple shared 2^60 ways takes forever), one class per
+global name and at most MAX_GLOBALS of them; values from the file are never formatted into messages.
 
 What is rebuilt: tensors (`torch._utils._rebuild_tensor(_v2)`, `_rebuild_parameter*`) over the file's
 storages, dtypes and, for foreign files, `torch.device`, `torch.Size`, `collections.OrderedDict` and
@@ -420,6 +426,9 @@ def check_zip(path: Path, max_bytes: int) -> zipfile.ZipFile:
         archive.close()
         raise LLTError(f"{path}: declares {total:,} bytes once uncompressed, above the limit of {max_bytes:,} "
                        f"(--max-bytes to raise it for a file you trust to be that large)")
+    if total > path.stat().st_size:
+        archive.close()
+        raise LLTError(f"{path}: its entries declare {total:,} bytes in a file of {path.stat().st_size:,}; refused")
     packed = [i for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size]
     if packed:
         archive.close()

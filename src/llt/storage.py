@@ -3,7 +3,7 @@
 Every file is written to a temporary name in the same folder, fsynced, renamed over its final name, and
 the folder is fsynced, so a crash never leaves a truncated file under the final name. Checkpoints are
 {'state': tensors, 'meta': JSON text}, read back only through llt.safeload's bounded reader: reading one never
-runs code nor allocates more than the file holds. This module sits below everything else in llt (data, pruning, runs import it).
+runs code, and allocates no more than the file's own bytes (within --max-bytes). This module sits below everything else in llt (data, pruning, runs import it).
 """
 
 from __future__ import annotations
