@@ -217,6 +217,10 @@ def test_every_file_llt_writes_reads_bit_identically_to_torch_load(corpus, tmp_p
     _, run, _ = corpus
     paths = sorted(run.rglob("*.pt"))
     assert len(paths) >= 10
+    from llt.models import build_model
+
+    torch.save(build_model(num_tasks=2, classes_per_task=2, width=4).state_dict(), tmp_path / "state_dict.pt")
+    paths.append(tmp_path / "state_dict.pt")             # an OrderedDict with its _metadata (pickle's BUILD)
     for fmt in ("llt", "prune", "packed"):
         assert main(["export", str(run), "--task", "2", "--format", fmt, "--out", str(tmp_path / f"{fmt}.pt")]) == 0
         paths.append(tmp_path / f"{fmt}.pt")
@@ -232,7 +236,8 @@ def same(a, b) -> bool:
                 and a.storage_offset() == b.storage_offset()
                 and bytes(a.untyped_storage()) == bytes(b.untyped_storage()))
     if isinstance(a, dict):
-        return type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        return (type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+                and getattr(a, "_metadata", None) == getattr(b, "_metadata", None))   # a state_dict's attribute
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and a == b

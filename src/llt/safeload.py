@@ -259,10 +259,10 @@ _SCALARS = (str, bytes, int, float, bool, type(None))
 
 class _Restricted(pickle._Unpickler):             # noqa: SLF001 (the Python unpickler: its opcodes can be replaced)
     """The restricted unpickler; `storage(saved_id)` resolves persistent ids (format-specific). Beside
-    find_class, three opcodes are replaced: BUILD (an object's state) applies only to placeholders (on a
-    tensor it would call Tensor.__setstate__, which resizes its storage to a size from the file); dict keys
-    (SETITEM, SETITEMS) and set elements (ADDITEMS, FROZENSET) must be scalars (hashing a shared tuple
-    structure from a file can take forever)."""
+    find_class, five opcodes are replaced: BUILD (an object's state) applies only to placeholders and to a
+    state_dict's attributes (on a tensor it would call Tensor.__setstate__, which resizes its storage to a
+    size from the file); dict keys (SETITEM, SETITEMS) and set elements (ADDITEMS, FROZENSET) must hash
+    cheaply (hashing a shared tuple structure from a file can take forever)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)   # noqa: SLF001
 
@@ -287,13 +287,23 @@ class _Restricted(pickle._Unpickler):             # noqa: SLF001 (the Python unp
     def _build(self):
         state = self.stack.pop()
         inst = self.stack[-1]
-        if not isinstance(type(inst), _Refuse):
-            raise LLTError(f"sets the state of {_text(inst)}, which only skipped objects may have; refused")
-        inst.state = state
+        if isinstance(type(inst), _Refuse):
+            inst.state = state
+        elif type(inst) is OrderedDict and isinstance(state, dict) and all(isinstance(k, str) for k in state):
+            inst.__dict__.update(state)            # a state_dict's `_metadata` attribute
+        else:
+            raise LLTError(f"sets the state of {_text(inst)}, which only skipped objects and state_dicts may have; "
+                           f"refused")
 
     def _keys(self, keys):
-        if not all(isinstance(k, _SCALARS) for k in keys):
-            raise LLTError("uses a key or set element that is not a string or a number; refused")
+        """Keys whose hash is cheap: scalars, tensors and skipped objects (hashed by identity), and tuples of
+        scalars; a nested tuple could be shared 2^60 ways and take forever to hash."""
+        for k in keys:
+            if isinstance(k, tuple):
+                if not all(isinstance(e, _SCALARS) for e in k):
+                    raise LLTError("uses a nested tuple as a dict key or set element; refused")
+            elif not isinstance(k, (*_SCALARS, torch.Tensor)) and not isinstance(type(k), _Refuse):
+                raise LLTError(f"uses {_text(k)} as a dict key or set element; refused")
 
     def _setitem(self):
         value, key = self.stack.pop(), self.stack.pop()
