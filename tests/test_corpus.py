@@ -8,7 +8,7 @@ Which entry points see which files: the reader itself, `llt eval --checkpoint`, 
 `llt.load_ticket` and `llt retrain --weights RUN --mask F` see the whole corpus (a few hundredths of a second
 each); the run-directory commands, which open a run and load its dataset first (`llt report`, `llt resume`,
 `llt retrain RUN`, `llt eval RUN`, every .pt of a copy of a run replaced by the file), see one file of each
-kind in the suite (every opcode, one global per decision, both layouts) and the whole corpus in
+kind in the suite (one global per decision, an opcode, every structure) and the whole corpus in
 `scripts/hostile_corpus.py` (docs/reliability.md has its figures)."""
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def corpus(tmp_path_factory):
 
 
 def representatives(files: dict[str, Path]) -> dict[str, Path]:
-    """Every opcode payload, the reported file, and one global per decision of llt's, in both layouts."""
+    """One global per decision of llt's (and bytearray, UntypedStorage) and the FRAME opcode in both layouts,
+    every structure in the zip layout, and the reported file: each kind of refusal, through each command
+    (the opcode checks do not depend on the command; the whole corpus goes through every command in
+    scripts/hostile_corpus.py)."""
     chosen, decided = {}, set()
     for name in sorted(files):
         if name.startswith("global:"):
@@ -67,6 +70,10 @@ def representatives(files: dict[str, Path]) -> dict[str, Path]:
             if key in decided and qualname not in ("builtins.bytearray", "torch.storage.UntypedStorage"):
                 continue
             decided.add(key)
+        elif name.startswith("op:") and not name.startswith("op:FRAME "):
+            continue
+        elif name.startswith("struct:") and not name.endswith("[zip]"):
+            continue
         chosen[name] = files[name]
     return chosen
 
@@ -229,12 +236,17 @@ def test_every_file_llt_writes_reads_bit_identically_to_torch_load(corpus, tmp_p
         assert same(ours, theirs), p
 
 
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage under `t` as uint8 (NaN and -0.0 compare by their bits)."""
+    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+
+
 def same(a, b) -> bool:
     """Equal type, structure and, for tensors, dtype, shape, strides, offset and the bytes of the storage."""
     if isinstance(a, torch.Tensor):
         return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
                 and a.storage_offset() == b.storage_offset()
-                and bytes(a.untyped_storage()) == bytes(b.untyped_storage()))
+                and torch.equal(raw_bytes(a), raw_bytes(b)))
     if isinstance(a, dict):
         return (type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
                 and getattr(a, "_metadata", None) == getattr(b, "_metadata", None))   # a state_dict's attribute

@@ -18,7 +18,7 @@ No allocation whose size comes from the file is made before it is checked:
 - the pickle, opcode by opcode (pickletools), before it is run: at most MAX_PICKLE_BYTES long (so that the
   objects it can build are bounded), no length beyond the bytes that follow it (BINBYTES8, BYTEARRAY8,
   BINUNICODE8, LONG4, FRAME, ...), no integer over MAX_INT_BITS bits, no memo index beyond MAX_MEMO (a memo index is
-  an allocation: the unpickler grows its memo table to it);
+  an allocation in C's unpickler, which grows its memo table to it; the CIFAR reader uses that one);
 - every storage against the bytes the file holds (each read once, however often the pickle names it), and
   every tensor's size, strides and offset against its storage: no view may address more elements than its
   storage holds (a stride-0 view of one float "holding" 10^9 elements is refused).
@@ -346,7 +346,7 @@ _INT_OPS = {"INT", "LONG", "LONG1", "LONG4", "BININT", "BININT1", "BININT2"}
 def _check_pickle(data: bytes, path: Path, what: str = "pickle", limit: int = MAX_PICKLE_BYTES) -> int:
     """Walk the pickle's opcodes without running them; its length (bytes up to STOP). Refuses a pickle
     longer than `limit` bytes, one that is not a pickle, a length beyond the bytes that follow it, an
-    integer over MAX_INT_BITS bits and a memo index over MAX_MEMO (the unpickler grows its memo table to it)."""
+    integer over MAX_INT_BITS bits and a memo index over MAX_MEMO (C's unpickler grows its memo table to it)."""
     end = 0
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
