@@ -25,18 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-TINY_BU = ["--set", "run.method=bu", "--set", "model.width=4", "--set", "train.epochs=1", "--set", "train.milestones=[1]",
-           "--set", "data.num_tasks=2", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
-           "--set", "prune.rate=0.2", "--set", "prune.finetune_epochs=1", "--set", "prune.max_rounds=1",
-           "--set", "prune.retrain_after=false"]
-PRESET = ["--preset", "demo", "--set", "model.width=4", "--set", "data.num_tasks=2"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", help="write everything here (default: a temporary folder)")
     args = parser.parse_args()
-    from corpus import write_corpus
+    from corpus import PRESET, TINY_BU, refused_in_one_line, write_corpus
 
     from llt.cli import main as cli
 
@@ -67,10 +62,10 @@ def main() -> int:
         copy = f"{scratch / 'run'}/"
         for path, calls in result["results"].items():
             for entry, (code, text, changed, _s) in calls.items():
-                lines = [line for line in text.splitlines() if line.strip()]
-                named = path in lines[0] if mode == "file" and lines else bool(lines) and copy in lines[0]
+                first = next((line for line in text.splitlines() if line.strip()), "")
+                named = (path if mode == "file" else copy) in first
                 out["calls"] += 1
-                if code == 2 and len(lines) == 1 and not changed and "Traceback" not in text and named:
+                if refused_in_one_line(code, text, changed, named):
                     out["refused_in_one_line"] += 1
                 else:
                     out["failures"].append({"file": label[path], "entry": entry, "code": code, "changed": changed,

@@ -16,6 +16,22 @@ import torch
 
 from llt.safeload import LEGACY_MAGIC, LEGACY_PROTOCOL, TORCH_ALLOW_LIST
 
+# The run every run-directory command is tried on, and the preset given with `llt eval --checkpoint`
+# (tests/test_corpus.py and scripts/hostile_corpus.py).
+PRESET = ["--preset", "demo", "--set", "model.width=4", "--set", "data.num_tasks=2"]
+TINY_BU = ["--set", "run.method=bu", "--set", "model.width=4", "--set", "train.epochs=1", "--set", "train.milestones=[1]",
+           "--set", "data.num_tasks=2", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
+           "--set", "prune.rate=0.2", "--set", "prune.finetune_epochs=1", "--set", "prune.max_rounds=1",
+           "--set", "prune.retrain_after=false"]
+
+
+def refused_in_one_line(code: int, text: str, changed: list, names_file: bool) -> bool:
+    """What every call on a corpus file must give: exit status 2, one line that names the file, no
+    traceback, no file created or changed."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return code == 2 and len(lines) == 1 and not changed and "Traceback" not in text and names_file
+
+
 HUGE = 3 << 30            # 3 GiB: six times llt's default cap of 512 MiB
 PROTO = b"\x80\x04"
 STOP = b"."

@@ -24,18 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpus import OPCODES, STRUCTURES, as_zip, call_global, write_corpus
+from corpus import OPCODES, PRESET, STRUCTURES, TINY_BU, as_zip, call_global, refused_in_one_line, write_corpus
 
 from llt import safeload
 from llt.errors import LLTError
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1 << 30
-PRESET = ["--preset", "demo", "--set", "model.width=4", "--set", "data.num_tasks=2"]
-TINY_BU = ["--set", "run.method=bu", "--set", "model.width=4", "--set", "train.epochs=1", "--set", "train.milestones=[1]",
-           "--set", "data.num_tasks=2", "--set", "data.exemplars_per_class=5", "--set", "train.batch_size=32",
-           "--set", "prune.rate=0.2", "--set", "prune.finetune_epochs=1", "--set", "prune.max_rounds=1",
-           "--set", "prune.retrain_after=false"]
 
 
 def issue_file(path: Path) -> Path:
@@ -97,8 +92,8 @@ def failures(result: dict, files: dict[str, Path], names_file) -> list:
     bad = []
     for path, calls in result["results"].items():
         for entry, (code, text, changed, _seconds) in calls.items():
-            lines = [line for line in text.splitlines() if line.strip()]
-            if code != 2 or len(lines) != 1 or changed or "Traceback" in text or not names_file(path, lines[0]):
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            if not refused_in_one_line(code, text, changed, names_file(path, first)):
                 bad.append((label[path], entry, code, changed, text[-300:]))
     return bad
 
