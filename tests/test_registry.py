@@ -38,7 +38,7 @@ def test_every_runnable_method_resolves_to_a_runner_of_its_own_name():
         assert callable(fn)
         owner = getattr(fn, "__self__", None)          # Incremental.run is a classmethod of the method's class
         if owner is not None:
-            assert owner.name == name
+            assert not hasattr(owner, "name"), f"{owner.__name__} restates its name: it is the registry entry's"
 
 
 def test_no_module_keeps_its_own_list_of_method_names():
@@ -85,3 +85,50 @@ def test_reading_the_registry_imports_no_training_code():
     code = "import sys, llt.config, llt.registry; print('llt.trainer' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False"
+
+
+def literal_name_comparisons(source: str, where: str = "") -> list[str]:
+    """Comparisons (==, !=, in, not in) of anything with a method name outside the registry: a constant that is a
+    method name, against an expression whose source mentions `method` (run.method, summary["method"], a variable
+    named method), or a container of such constants."""
+    names = set(REGISTRY)
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        consts = set()
+        for op in operands:
+            items = op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]
+            consts |= {e.value for e in items if isinstance(e, ast.Constant) and e.value in names}
+        if consts and any("method" in ast.unparse(op) for op in operands
+                          if not isinstance(op, (ast.Constant, ast.Tuple, ast.List, ast.Set))):
+            out.append(f"{where}:{node.lineno} {sorted(consts)}")
+    return out
+
+
+def test_no_module_branches_on_a_literal_method_name():
+    """What a method is lives in its registry entry: no `cfg.run.method == "bu"` or `method in ("td",)` outside
+    registry.py (the issue-27 review found six)."""
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name != "registry.py":
+            offenders += literal_name_comparisons(path.read_text(), str(path.relative_to(SRC)))
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("planted", ['if method == "replay":\n    pass\n', 'x = cfg.run.method != "bu"\n',
+                                     'ok = summary["method"] in ("td",)\n', 'y = "icarl" == self.method\n'])
+def test_the_literal_name_guard_catches_a_planted_comparison(planted):
+    assert literal_name_comparisons(planted), planted
+    assert not literal_name_comparisons('if mode == "joint":\n    pass\n')     # a BatchNorm mode, not a method
+
+
+def test_method_classes_do_not_restate_registry_traits():
+    import importlib
+    for name, m in REGISTRY.items():
+        if not m.runnable or "." not in m.target.split(":")[1]:
+            continue
+        cls = getattr(importlib.import_module(m.target.split(":")[0]), m.target.split(":")[1].split(".")[0])
+        for trait in ("name", "uses_teacher", "local_ce", "default_batching", "memory", "teacher", "ce_scope"):
+            assert trait not in vars(cls), (cls.__name__, trait)

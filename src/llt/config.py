@@ -20,7 +20,7 @@ import yaml
 
 from llt.errors import LLTError
 from llt.subbatches import empty_sub_batch
-from llt.registry import REGISTRY, RUN_METHODS, check_config
+from llt.registry import REGISTRY, RUN_METHODS, check_config, method_help
 from llt.presets import load_preset_tree
 
 
@@ -39,11 +39,7 @@ BN_RUNNING = ("auto", "original", "once", "labelled")
 
 @dataclass(frozen=True)
 class RunSection:
-    method: str = _f("bu", "what to run: 'stream' builds and describes the task stream only; "
-                     "'cil' dense class-incremental learning with lottery teaching; 'td' Top-Down; 'bu' Bottom-Up "
-                     "ticket search; the class-incremental baselines 'finetune', 'joint', 'replay', 'lwf', 'ewc', "
-                     "'icarl' (docs/baselines.md)",
-                     RUN_METHODS)
+    method: str = _f("bu", f"what to run: {method_help()} (docs/baselines.md)", RUN_METHODS)
     seed: int = _f(0, "run seed: data split, exemplars, augmentation and initialisation derive from it (0 is a valid seed)")
     out_dir: str = _f("runs", "folder that holds run directories")
     name: str = _f("", "readable run name (slug); empty: derived from preset, method, dataset and seed")
@@ -167,10 +163,24 @@ class BaselineSection:
     replay_batching: str = _f("auto", "replay and icarl: 'concat' shuffles the memory into the task's data (FACIL, "
                               "PyCIL, iCaRL); 'balanced' puts a batch of memory images beside every batch of new "
                               "images (Avalanche's replay, Mammoth's ER); 'auto': balanced for replay, concat for "
-                              "icarl (docs/baselines.md)", ("auto", "concat", "balanced"))
+                              "icarl; derpp, der and erace only balanced (docs/baselines.md)",
+                              ("auto", "concat", "balanced"))
     ewc_heads: bool = _f(False, "ewc: include the heads in the Fisher and the penalty (FACIL: backbone only)")
     ewc_labels: str = _f("predicted", "ewc: the labels of the Fisher's log-likelihood, the model's own prediction over "
                          "the seen classes (FACIL's default, max_pred) or the true labels", ("predicted", "true"))
+    steps: str = _f("matched", "a baseline's SGD steps per epoch: 'matched', the lottery loop's (one pass over the task's "
+                    "data and the memory in batches of batch_size on task 1 and batch_size // 4 after, the memory "
+                    "batches beside them), so every method of a config takes the same steps; 'pass', one pass over "
+                    "the task's data (with concat batching, and the memory) in batches of batch_size on every task, "
+                    "as Mammoth's seq-cifar10 protocol (joint, the upper bound, always takes 'pass')",
+                    ("matched", "pass"))
+    der_alpha: float = _f(0.2, "derpp, der: weight of the MSE between a memory batch's logits and the logits stored "
+                          "when its images entered the memory (Mammoth's seq-cifar10 buffer 500: 0.2; buffer 200: 0.1)")
+    der_beta: float = _f(0.5, "derpp: weight of the cross-entropy of a second memory batch (Mammoth's seq-cifar10: 0.5); "
+                         "der is derpp with 0")
+    der_logits: str = _f("all", "derpp, der: the stored logits an exemplar's MSE covers, 'seen': the heads that existed "
+                         "when it was stored; 'all': every head, the future tasks' too, as one head over all classes "
+                         "does in Mammoth (docs/baselines.md)", ("seen", "all"))
     mask_from: str = _f("", "train under the tickets of a finished Top-Down or Bottom-Up run (its masks/task{t}.pt "
                         "for task t); empty: dense")
 
@@ -346,7 +356,7 @@ def validate(cfg: RunConfig) -> None:
             if why:
                 raise LLTError(why)
         sched = p.td_rounds if p.td_rounds is not None else p.td_densities
-        if cfg.run.method == "td" and sched is not None and len(sched) != n_tasks:
+        if REGISTRY[cfg.run.method].task_schedule and sched is not None and len(sched) != n_tasks:
             key = "prune.td_rounds" if p.td_rounds is not None else "prune.td_densities"
             raise LLTError(f"{key} has {len(sched)} entries but the stream has {n_tasks} tasks (one entry per task)")
     _need(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be 0 (never) or a number of epochs")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llt.config import RunConfig, from_tree, legacy_tree
-from llt.registry import BASELINES
+from llt.registry import REGISTRY
 from llt.data.augment import Normalizer
 from llt.data.dataset import ImageDataset
 from llt.data.sources import load_dataset, load_pool
@@ -141,10 +141,11 @@ def prepare(cfg: RunConfig, preset: str | None, rd: RunDir | None = None, need_p
         torch.use_deterministic_algorithms(True, warn_only=True)
     ds = load_dataset(cfg.data)
     pool, pool_info = None, {"pool": cfg.data.pool, "used": False}
-    lottery_teaching = cfg.teaching.enabled and cfg.run.method not in BASELINES   # baselines never query a pool
-    if need_pool and (cfg.run.method == "stream" or lottery_teaching):
+    lottery_teaching = cfg.teaching.enabled and REGISTRY[cfg.run.method].fused   # baselines never query a pool
+    trains = REGISTRY[cfg.run.method].trains           # run.method=stream describes the pool instead
+    if need_pool and (not trains or lottery_teaching):
         pool, pool_info = load_pool(cfg.data, ds)
-        if pool is None and cfg.run.method != "stream":
+        if pool is None and trains:
             raise LLTError("data.pool=none but lottery teaching is on: choose a pool or set teaching.enabled=false")
     stream = stream_for(cfg, ds)
     numerics = resolve_numerics(cfg.train.precision, device)

@@ -46,7 +46,8 @@ from pathlib import Path
 import yaml
 
 from llt.config import load_config, parse_override
-from llt.registry import REGISTRY, RETRAIN_INITS, RETRAIN_MASKS, TICKET_SEARCHES, retrain_name, retrained_name
+from llt.registry import (REGISTRY, RETRAIN_INITS, RETRAIN_MASKS, TICKET_SEARCHES, estimate_epochs, retrain_name,
+                          retrained_name)
 from llt.presets import available_presets
 from llt.errors import LLTError
 from llt.runs import run_name
@@ -85,18 +86,6 @@ def _overrides(entry: dict, where: str) -> list[str]:
     for item in items:
         parse_override(item)
     return items
-
-
-def estimate_epochs(cfg) -> int:
-    """Training epochs a run will take (an upper bound for Bottom-Up: every re-grow to the cap)."""
-    n = cfg.data.num_tasks or 5
-    e, p = cfg.train.epochs, cfg.prune
-    if cfg.run.method == "td":
-        rounds = p.td_rounds or [1] * n
-        return sum(2 * e + p.finetune_epochs * max(r - 1, 0) for r in rounds)
-    if cfg.run.method == "bu":          # (its TR-BU re-training is a job of its own)
-        return n * (2 * e + p.max_rounds * p.finetune_epochs)
-    return n * e
 
 
 def _check_entry(entry, prefix: str, required: tuple[str, ...], allowed: set[str]) -> str:

@@ -108,6 +108,15 @@ class Recipe:
     batching      with a memory: "concat" draws each batch from the task's data and the memory shuffled
                   together; "balanced" draws a batch of the task's data and, beside it, as many memory images
                   (uniformly over the memory, whose classes hold equal numbers of exemplars)
+    loss_fn       a method that owns its loss (DER++, ER-ACE): a callable Step -> scalar replacing the terms
+                  above (the loop keeps batching, augmentation, forward, masks and the step)
+    terms         what identifies loss_fn's settings (e.g. its weights), part of the epoch checkpoint's identity
+    heads         heads of the forward pass for loss_fn (0: the seen ones)
+    memory_batches  balanced batching: memory batches drawn beside each batch of the task's data (DER++: 2)
+    batch_size    images of the task's data per step (0: the loop's, batch_size on task 1 and batch_size // 4
+                  after)
+    step_matched  False: one pass over the method's own data per epoch, not the lottery loop's step count
+                  (joint, the upper bound)
     """
 
     loss: str = "ce"
@@ -116,6 +125,40 @@ class Recipe:
     penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None
     ce_offset: int = 0
     batching: str = "concat"
+    loss_fn: Callable[["Step"], torch.Tensor] | None = None
+    terms: tuple = ()
+    heads: int = 0
+    memory_batches: int = 1
+    batch_size: int = 0
+    step_matched: bool = True
+
+
+@dataclass
+class Step:
+    """One step of a method that owns its loss (Recipe.loss_fn): what the loss may read. The loop drew the
+    batch, augmented it and ran the forward pass; the loss returns one scalar and the loop takes the step.
+
+    k        old tasks (task k+1 is learned)
+    logits   (rows, C) the main branch's logits, float, over Recipe.heads heads (0: the k+1 seen heads)
+    labels   (rows,) labels of the rows
+    idx      (rows,) dataset indices of the rows (a method's per-exemplar stored targets are keyed by them)
+    sizes    rows of each part, in order: the main batch, then each memory batch (balanced batching)
+    old      the teacher's logits over the k old heads, or None
+    classes_per_task  outputs per head
+    """
+
+    k: int
+    logits: torch.Tensor
+    labels: torch.Tensor
+    idx: torch.Tensor
+    sizes: tuple[int, ...]
+    old: torch.Tensor | None
+    classes_per_task: int
+
+    def part(self, i: int) -> slice:
+        """The rows of part i (0: the main batch; 1, 2, ...: the memory batches)."""
+        start = sum(self.sizes[:i])
+        return slice(start, start + self.sizes[i])
 
 
 # The fused step's sub-batches, in batch order: 0 random (aux branch), 1 balanced new, 2 balanced old, 3 unlabeled.
@@ -201,6 +244,11 @@ class Cycler:
         while self.fill and out.numel() < self.batch:
             out = torch.cat([out, self._take(self.batch - out.numel())])
         return out
+
+
+def memory_streams(r: Recipe) -> tuple[str, ...]:
+    """The names of the memory batches' streams of a recipe ("memory", then "memory2", ...)."""
+    return tuple("memory" if i == 0 else f"memory{i + 1}" for i in range(r.memory_batches))
 
 
 def clone_state(model: torch.nn.Module) -> dict:
@@ -315,9 +363,11 @@ class Trainer:
         return total, steps, {"new": data.new_idx.numel()}
 
     @staticmethod
-    def recipe_batch(k: int, s: Schedule) -> int:
+    def recipe_batch(k: int, s: Schedule, r: Recipe | None = None) -> int:
         """A baseline's batch of its own training images: batch_size on task 1, batch_size // 4 after (the
-        lottery loop's sub-batch)."""
+        lottery loop's sub-batch), unless the recipe sets its own."""
+        if r is not None and r.batch_size:
+            return r.batch_size
         return s.batch_size if k == 0 else s.batch_size // 4
 
     @staticmethod
@@ -335,15 +385,23 @@ class Trainer:
             idx = union[cyclers["train"].next()]
             drawn += idx.numel()
             new += (data.labels[idx] >= data.first_label).sum()     # joint's old tasks count as old-class images
-            if "memory" in cyclers:             # balanced replay: as many memory images beside them
-                m = data.memory_idx[cyclers["memory"].next()]
-                idx, memory = torch.cat([idx, m]), memory + m.numel()
+            sizes = [idx.numel()]
+            for name in memory_streams(r):      # balanced replay: as many memory images beside them
+                if name in cyclers:
+                    m = data.memory_idx[cyclers[name].next()]
+                    idx, memory = torch.cat([idx, m]), memory + m.numel()
+                    sizes.append(m.numel())
             x = self.norm(crop_flip(data.images[idx], self.gen))
             old = None
             if data.teacher is not None and k > 0:
                 with torch.no_grad(), self._autocast():
                     old = data.teacher(x, k, "main").float()
-            loss = self.recipe_loss(k, x, data.labels[idx], old, r)
+            if r.loss_fn is not None:
+                with self._autocast():
+                    z = self.model(x, r.heads or k + 1, "main").float()
+                loss = r.loss_fn(Step(k, z, data.labels[idx], idx, tuple(sizes), old, self.model.classes_per_task))
+            else:
+                loss = self.recipe_loss(k, x, data.labels[idx], old, r)
             self._step(opt, loss)
             total += loss.detach()
         new = int(new)
@@ -457,12 +515,13 @@ class Trainer:
                 data = dataclasses.replace(data, teaching=None)
         recipe_steps = 0
         if recipe is not None:
-            batch = self.recipe_batch(k, s)
+            batch = self.recipe_batch(k, s, recipe)
             union = self.recipe_union(data, recipe)
             cyclers["train"] = Cycler(torch.arange(union.numel(), device=self.device), batch, self.gen)
             if recipe.batching == "balanced" and data.memory_idx.numel():
-                cyclers["memory"] = Cycler(torch.arange(data.memory_idx.numel(), device=self.device), batch, self.gen,
-                                           fill=True)
+                for name in memory_streams(recipe):
+                    cyclers[name] = Cycler(torch.arange(data.memory_idx.numel(), device=self.device), batch,
+                                           self.gen, fill=True)
             recipe_steps = data.steps_per_epoch or -(-union.numel() // batch)
         best_val, best_epoch, best_state, best_row, history = -1.0, 0, None, [], []
         first = 1

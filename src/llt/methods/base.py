@@ -198,24 +198,28 @@ class Engine:
     def fit(self, t: int, schedule: Schedule, seed_tag: str, desc: str, mask: Mask | None = None,
             teaching: TeachingSet | None = None, select_on: str = "val", recipe: Recipe | None = None,
             teacher: torch.nn.Module | None = None, new_idx: torch.Tensor | None = None,
-            memory: bool = True) -> TaskResult:
+            memory: bool | torch.Tensor = True) -> TaskResult:
         """Train the current model on task t (0-based) under `mask` (None: dense); returns the result.
 
         The best epoch is chosen on the validation images of every seen class, with select_on="val-current"
         on the current task's only (baselines without old data), or, with select_on="test" (only for
         prune.decision_split=test-compat), on their test images as the original did. Baselines
         give a `recipe` (their loss terms), a frozen `teacher`, the training indices `new_idx` (default: task
-        t's) and whether the exemplar memory is replayed.
+        t's) and whether the exemplar memory is replayed (or the indices it replays instead).
         """
         ctx = self.ctx
         task = ctx.stream.tasks[t]
-        mem = self.memory(t) if memory else torch.empty(0, dtype=torch.int64)
+        if isinstance(memory, torch.Tensor):          # a method's own rehearsal set (ER-ACE)
+            mem = memory
+        else:
+            mem = self.memory(t) if memory else torch.empty(0, dtype=torch.int64)
         data = TaskData(images=ctx.train_images, labels=ctx.train_labels,
                         new_idx=(task.train_idx if new_idx is None else new_idx).to(ctx.device),
                         memory_idx=mem.to(ctx.device), val_idx=ctx.stream.val_seen(t).to(ctx.device),
                         teaching=teaching, teacher=teacher,
                         val_sizes=tuple(x.val_idx.numel() for x in ctx.stream.tasks[: t + 1]),
-                        steps_per_epoch=self.steps_per_epoch(t, schedule.batch_size) if recipe is not None else 0,
+                        steps_per_epoch=(self.steps_per_epoch(t, schedule.batch_size)
+                                         if recipe is not None and recipe.step_matched else 0),
                         first_label=t * ctx.stream.classes_per_task)
         if select_on == "val-current":        # memoryless baselines: the current task's validation images only
             data.val_idx, data.val_sizes = task.val_idx.to(ctx.device), (task.val_idx.numel(),)
@@ -255,7 +259,9 @@ class Engine:
                     "memory": fingerprint_tensor(data.memory_idx), "new": fingerprint_tensor(data.new_idx),
                     "recipe": None if recipe is None else [recipe.loss, recipe.distill, recipe.temperature,
                                                            recipe.penalty is not None, recipe.ce_offset,
-                                                           recipe.batching, data.steps_per_epoch],
+                                                           recipe.batching, data.steps_per_epoch]
+                    + ([] if recipe.terms == () and recipe.memory_batches == 1 and not recipe.batch_size
+                       else [list(recipe.terms), recipe.heads, recipe.memory_batches, recipe.batch_size]),
                     "teaching": "none" if teaching is None else fingerprint_tensor(teaching.pool_idx)}
         return EpochCheckpoint(self.rd.file(f"checkpoints/epoch/{key}.pt"), key, identity, every=every)
 

@@ -14,8 +14,6 @@ from llt.methods.incremental import Incremental
 
 
 class DenseCIL(Incremental):
-    name = "cil"
-
     def seed_tag(self, T: int) -> str:
         return f"augment/task{T}"
 

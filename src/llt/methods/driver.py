@@ -129,7 +129,7 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
     """
     cfg, rd = open_run(run_dir, data_dir)
     if which == "dense":
-        if cfg.run.method != "bu":
+        if not REGISTRY[cfg.run.method].keeps_reference:
             raise LLTError(f"{run_dir}: --dense needs a Bottom-Up run (only those keep a dense reference per task); "
                            f"this is a {cfg.run.method} run")
         ckpt, stage = rd.file(f"checkpoints/ref{task}.pt"), f"ref{task}"
@@ -146,8 +146,9 @@ def evaluate_run(run_dir: str, task: int, data_dir: str | None = None, which: st
                   ctx.normalizer, ctx.eval_batch, ctx.autocast_dtype)
     sa = sum(ev["row"]) / len(ev["row"])
     label = "dense reference" if which == "dense" else ("ticket" if cfg.run.method in TICKET_SEARCHES else "model")
-    if cfg.run.method == "icarl":
-        label += " (network output; the summary's matrix is iCaRL's nearest-mean-of-exemplars classifier)"
+    if REGISTRY[cfg.run.method].classifier == "nme":
+        label += (f" (network output; the summary's matrix is {REGISTRY[cfg.run.method].label}'s nearest-mean-of-"
+                  f"exemplars classifier)")
     print(f"task {task} {label}: test accuracy per task " + " ".join(f"T{i + 1} {v:.2f}" for i, v in enumerate(ev["row"]))
           + f" | SA {sa:.2f} | remaining weights {remaining_weights(model):.2f} %")
     return {"row": ev["row"], "sa": sa, "stored_row": meta.get("row")}

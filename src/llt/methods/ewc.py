@@ -112,8 +112,6 @@ def check_stability(fisher: dict[str, torch.Tensor], lam: float, lr: float, mome
 
 
 class EWC(Incremental):
-    name = "ewc"
-    local_ce = True            # FACIL
     extra_states = ("fisher", "anchor")
 
     def __init__(self, eng):
@@ -123,11 +121,11 @@ class EWC(Incremental):
 
     def recipe(self, t: int) -> Recipe:
         if t == 0 or self.fisher is None:
-            return Recipe(ce_offset=self.ce_offset(t))
+            return Recipe(ce_offset=self.ce_offset(t), **self.budget())
         dev = self.eng.ctx.device
         penalty = EWCPenalty({k: v.to(dev) for k, v in self.fisher.items()},
                              {k: v.to(dev) for k, v in self.anchor.items()}, self.cfg.baseline.ewc_lambda)
-        return Recipe(penalty=penalty, ce_offset=self.ce_offset(t))
+        return Recipe(penalty=penalty, ce_offset=self.ce_offset(t), **self.budget())
 
     def after_task(self, t: int) -> dict[str, dict]:
         ctx, b, model = self.eng.ctx, self.cfg.baseline, self.eng.model

@@ -7,4 +7,4 @@ from llt.methods.incremental import Incremental
 
 
 class Finetune(Incremental):
-    name = "finetune"
+    """Plain cross-entropy over the seen heads: the defaults of the loop (its registry entry gives the memory)."""

@@ -48,11 +48,9 @@ def nme_predict(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 
 
 class ICaRL(Incremental):
-    name = "icarl"
-    uses_teacher = True
-
     def recipe(self, t: int) -> Recipe:
-        return Recipe(loss="bce", temperature=self.cfg.baseline.icarl_temperature, batching=self.batching)
+        return Recipe(loss="bce", temperature=self.cfg.baseline.icarl_temperature, batching=self.batching,
+                      **self.budget())
 
     def exemplars(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and labels of the exemplars of every class seen after task t."""

@@ -31,18 +31,16 @@ from llt.trainer import Recipe
 
 
 class Incremental:
-    """The defaults: cross-entropy on the task's own data (what `finetune` is). `name` is the method's
-    registry entry, which says whether it replays the memory (`memory`) or trains on old data (`old_data`)."""
+    """The defaults: cross-entropy on the task's own data (what `finetune` is). What the method is (its memory,
+    old data, teacher, cross-entropy scope, batching, step budget) is its registry entry, `self.info`, the
+    entry of run.method; a subclass keeps only its formula."""
 
-    name = "finetune"
-    uses_teacher = False
-    local_ce = False                       # baseline.ce_scope=auto: cross-entropy over the current task's classes
-    default_batching = "concat"            # baseline.replay_batching=auto (methods with a memory)
     extra_states: tuple[str, ...] = ()     # names of the states after_task returns (kept with the stage)
 
     def __init__(self, eng: Engine):
         self.eng, self.cfg = eng, eng.cfg
-        self.info = REGISTRY[self.name]
+        self.info = REGISTRY[eng.cfg.run.method]
+        self.name = self.info.name
 
     @classmethod
     def run(cls, ctx: Context, progress: str = "auto") -> dict:
@@ -59,25 +57,37 @@ class Incremental:
         """Training indices of task t besides the memory."""
         return self.eng.ctx.stream.tasks[t].train_idx
 
+    def rehearsal(self, t: int) -> bool | torch.Tensor:
+        """What the memory batches of task t replay: True, the exemplar memory of the old classes (methods
+        whose registry entry has a memory); False, nothing; or a tensor of training indices."""
+        return self.info.memory
+
     def teaching(self, t: int):
         """The lottery-teaching set of task t (dense CIL only)."""
         return None
 
     def recipe(self, t: int) -> Recipe | None:
-        return Recipe(ce_offset=self.ce_offset(t), batching=self.batching)
+        return Recipe(ce_offset=self.ce_offset(t), batching=self.batching, **self.budget())
+
+    def budget(self) -> dict:
+        """Recipe fields of the step budget: the lottery loop's steps (baseline.steps=matched, unless the registry
+        entry says the method is not step-matched: joint), or one pass over its own data in batches of
+        train.batch_size."""
+        matched = self.info.step_matched and self.cfg.baseline.steps == "matched"
+        return {"step_matched": matched, "batch_size": 0 if matched else self.cfg.train.batch_size}
 
     @property
     def batching(self) -> str:
-        """baseline.replay_batching resolved for this method ('auto': its `default_batching`)."""
+        """baseline.replay_batching resolved for this method ('auto': the first of its registry entry's)."""
         mode = self.cfg.baseline.replay_batching
-        return self.default_batching if mode == "auto" else mode
+        return self.info.batching[0] if mode == "auto" else mode
 
     def ce_offset(self, t: int) -> int:
         """Recipe.ce_offset of task t under baseline.ce_scope ('auto': local for LwF and EWC, as FACIL and
         PyCIL train them without exemplars; global for finetune)."""
         scope = self.cfg.baseline.ce_scope
         if scope == "auto":
-            scope = "local" if self.local_ce else "global"
+            scope = self.info.ce_scope
         return t * self.eng.ctx.stream.classes_per_task if scope == "local" else 0
 
     @property
@@ -122,11 +132,11 @@ def run_incremental(ctx: Context, method: type[Incremental], progress: str = "au
         def compute(t=t, T=T, mask=mask) -> Done:
             teaching = m.teaching(t)
             teacher = None
-            if m.uses_teacher and t > 0:            # the previous model, frozen
+            if m.info.teacher and t > 0:            # the previous model, frozen
                 teacher = copy.deepcopy(eng.model).eval().requires_grad_(False)
             recipe = m.recipe(t)
             res = eng.fit(t, eng.schedule(), m.seed_tag(T), m.desc(T, n), mask=mask, teaching=teaching,
-                          recipe=recipe, teacher=teacher, new_idx=m.new_indices(t), memory=m.info.memory,
+                          recipe=recipe, teacher=teacher, new_idx=m.new_indices(t), memory=m.rehearsal(t),
                           select_on=m.select_on)
             eng.model.load_state_dict(res.best_state)
             if mask is not None:

@@ -18,10 +18,7 @@ from llt.trainer import Recipe
 
 
 class LwF(Incremental):
-    name = "lwf"
-    local_ce = True            # FACIL and PyCIL
-    uses_teacher = True
-
     def recipe(self, t: int) -> Recipe:
         b = self.cfg.baseline
-        return Recipe(loss="ce", distill=b.lwf_lambda, temperature=b.lwf_temperature, ce_offset=self.ce_offset(t), batching=self.batching)
+        return Recipe(loss="ce", distill=b.lwf_lambda, temperature=b.lwf_temperature, ce_offset=self.ce_offset(t),
+                      batching=self.batching, **self.budget())

@@ -46,16 +46,16 @@ from llt.storage import load_checkpoint
 def check_monotone(masks: list[Mask], method: str) -> None:
     """Bottom-Up masks must grow and Top-Down masks shrink: raise LLTError naming the task and layer
     where they do not."""
+    m = REGISTRY[method]
+    grow = m.masks == "grow"
     for t in range(len(masks) - 1):
-        small, big = (masks[t], masks[t + 1]) if method == "bu" else (masks[t + 1], masks[t])
+        small, big = (masks[t], masks[t + 1]) if grow else (masks[t + 1], masks[t])
         outside = small.first_outside(big)
         if outside:
             layer, count = outside
-            verb = "grow" if method == "bu" else "shrink"
-            a, b = (t + 1, t + 2) if method == "bu" else (t + 2, t + 1)
+            a, b = (t + 1, t + 2) if grow else (t + 2, t + 1)
             raise LLTError(f"the masks are not nested: the mask of task {a} keeps {count} weights of {layer} "
-                           f"that the mask of task {b} drops ({'Bottom-Up' if method == 'bu' else 'Top-Down'} "
-                           f"tickets only {verb})")
+                           f"that the mask of task {b} drops ({m.label} tickets only {m.masks})")
 
 
 def run_retrain(src_dir: str | Path, init: str = "original", mask: str = "ticket", out_dir: str | Path | None = None,

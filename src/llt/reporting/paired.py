@@ -4,6 +4,8 @@
 Two kinds of pair, each matched seed by seed:
     method - dense   every group against the dense CIL group on the same stream and model (the same dataset,
                      tasks, class order, images per class and network), when exactly one such dense group exists
+    method - replay  every baseline and dense CIL against the balanced-replay group, under the same rule (the
+                     registry's `reference` methods)
     ticket - control every lottery control (a re-training with a random mask or a random initialisation)
                      against the tickets it controls for, twice when the report has both: the re-training of
                      the same ticket run with its own masks from theta_0 (TR-BU / TR-TD, trained exactly as the
@@ -78,10 +80,18 @@ def ticket_references(control, groups) -> list[tuple[str, str, dict[str, dict[in
     return out
 
 
-def dense_reference(group, groups) -> object | None:
+def references(group, groups) -> list:
+    """The reference groups `group` is compared with (the registry's `reference` methods: dense CIL, balanced
+    replay), each when exactly one group of that method shares its stream and network, in registry order."""
     key = stream_key(group.runs[0])
-    dense = [g for g in groups if g.runs[0].summary["method"] == "cil" and stream_key(g.runs[0]) == key]
-    return dense[0] if len(dense) == 1 and dense[0] is not group else None
+    out = []
+    for name, m in REGISTRY.items():
+        if not m.reference:
+            continue
+        same = [g for g in groups if g.runs[0].summary["method"] == name and stream_key(g.runs[0]) == key]
+        if len(same) == 1 and same[0] is not group:
+            out.append(same[0])
+    return out
 
 
 def paired_comparisons(groups) -> list[dict]:
@@ -89,9 +99,14 @@ def paired_comparisons(groups) -> list[dict]:
     "against", metric: paired_difference or None}."""
     out = []
     for g in groups:
-        d = dense_reference(g, groups)
-        if d is not None:
-            out.append({"group": g, "comparison": "method - dense", "kind": "dense", "against": d.label,
+        for d in references(g, groups):
+            kind = REGISTRY[d.runs[0].summary["method"]].family
+            own = REGISTRY.get(g.runs[0].summary["method"])
+            if kind == "baseline" and (own is None or own.family not in ("baseline", "dense")):
+                continue        # a baseline reference (replay) is compared with the baselines and dense CIL
+            kind = "dense" if kind == "dense" else d.runs[0].summary["method"]
+            out.append({"group": g, "comparison": f"method - {d.label.split(' ')[0].lower()}", "kind": kind,
+                        "against": d.label,
                         **{key: paired_difference(values(g, key), values(d, key)) for key, _, _ in METRICS}})
         if is_control(g):
             refs = ticket_references(g, groups)
@@ -119,7 +134,8 @@ def paired_table(groups) -> list[str]:
     if not rows:
         return []
     md = ["## Paired differences (same seed)", "",
-          "Differences on the same seed, after the last task: each method minus the dense run, and each lottery "
+          "Differences on the same seed, after the last task: each method minus the dense run, each baseline and "
+          "the dense run minus replay, and each lottery "
           "control's tickets minus the control, against each of the two the report has: the tickets re-trained "
           "from theta_0 (TR-BU / TR-TD, trained exactly as the control is) and the ticket run as found. "
           "Mean difference with its 95 % confidence interval (Student t over the seeds' differences, n - 1 "
@@ -141,11 +157,13 @@ def paired_table(groups) -> list[str]:
 
 
 def paired_columns(groups) -> dict[str, dict]:
-    """group label -> comparison.csv columns: for "minus_dense" (the group minus dense), "ticket_minus" (its
+    """group label -> comparison.csv columns: for "minus_dense" (the group minus dense), "minus_replay" (a baseline
+    or dense CIL minus balanced replay), "ticket_minus" (its
     tickets re-trained from theta_0, TR-BU / TR-TD, minus this control) and "found_minus" (the ticket run as found
     minus this control), per metric: mean, ci_low, ci_high, n, positive (empty where none)."""
     cols: dict[str, dict] = {g.label: {} for g in groups}
-    names = {"dense": "minus_dense", "retrained": "ticket_minus", "found": "found_minus"}
+    names = {"dense": "minus_dense", **{n: f"minus_{n}" for n, m in REGISTRY.items() if m.reference and m.family != "dense"},
+             "retrained": "ticket_minus", "found": "found_minus"}
     for g in groups:
         for prefix in names.values():
             for key, _, _ in METRICS:
