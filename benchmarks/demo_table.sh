@@ -12,7 +12,7 @@ run cil --set run.method=cil
 run td --set run.method=td
 run bu --set run.method=bu            # with its TR-BU re-training (prune.retrain_after in the preset)
 run finetune --set run.method=finetune
-run joint --set run.method=joint
+run joint --set run.method=joint      # the upper bound: every seen image once per epoch
 run replay --set run.method=replay    # replay_batching auto = balanced
 run replay-concat --set run.method=replay --set baseline.replay_batching=concat
 run replay-herding --set run.method=replay --set data.exemplar_selection=herding
@@ -21,5 +21,9 @@ run lwf --set run.method=lwf          # ce_scope auto = local
 run lwf-global --set run.method=lwf --set baseline.ce_scope=global
 run ewc --set run.method=ewc          # lambda 20 (the demo preset)
 run icarl --set run.method=icarl
+run derpp --set run.method=derpp      # alpha 0.2, beta 0.5, der_logits all (the default)
+run derpp-seen --set run.method=derpp --set baseline.der_logits=seen
+run der --set run.method=der
+run erace --set run.method=erace
 $llt report "$out"/*/ --out "$out/report" > /dev/null
 echo "report: $out/report/report.md"
