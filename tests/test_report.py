@@ -215,18 +215,22 @@ def test_paired_differences_and_intervals_match_a_hand_computation(tmp_path):
     assert float(r1["found_minus_final_sa_mean"]) == 15.0 and r1["found_minus_final_sa_n"] == "1"
 
 
-@pytest.mark.parametrize("study", ["cifar10-medium", "cifar10-medium-original"])
+@pytest.mark.parametrize("study", ["cifar10-medium", "cifar10-medium-original", "cifar10-medium-rehearsal"])
 def test_the_committed_medium_study_report_is_what_its_committed_summaries_give(tmp_path, study):
     """results/cifar10-medium (train.batchnorm=balanced) and results/cifar10-medium-original (the original's
-    BatchNorm numerics, before issue 26) hold the studies' summaries and the reports docs/results.md quotes:
-    the tables must be exactly what today's `llt report` makes of those summaries (figures are not rebuilt)."""
+    BatchNorm numerics, before issue 26) hold the studies' summaries and the reports docs/results.md quotes;
+    results/cifar10-medium-rehearsal's report covers it together with results/cifar10-medium (DER++, ER-ACE and
+    joint beside the study's rows): the tables must be exactly what today's `llt report` makes of those
+    summaries (figures are not rebuilt)."""
     from llt.reporting.report import expand, load_run, make_groups, write_tables
 
     folder = REPO / "results" / study
     if not (folder / "study.json").is_file():
         pytest.skip(f"results/{study} is not in this checkout")
-    runs = [load_run(p) for p in expand([str(folder)])]
-    assert len(runs) == {"cifar10-medium-original": 33}.get(study, len(runs)) and runs
+    folders = [REPO / "results" / "cifar10-medium", folder] if study.endswith("rehearsal") else [folder]
+    runs = [load_run(p) for p in expand([str(f) for f in folders])]
+    assert len(runs) == {"cifar10-medium-original": 33, "cifar10-medium": 33,
+                         "cifar10-medium-rehearsal": 42}[study] and runs
     write_tables(make_groups(runs), tmp_path)
     for name in ("report.md", "comparison.csv", "summary.csv"):
         assert (tmp_path / name).read_text() == (folder / "report" / name).read_text(), name

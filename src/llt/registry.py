@@ -152,7 +152,7 @@ def check_config(cfg) -> list[tuple[str, str]]:
     elif b.replay_batching not in ("auto", *m.batching):
         out.append(("baseline.replay_batching", f"run.method={m.name} draws its memory batches beside the new "
                                                 f"batch: only {' or '.join(m.batching)}"))
-    if m.stored_logits and not m.target.endswith("DERpp.run") and b.der_beta != type(b)().der_beta:
+    if m.name == "der" and b.der_beta != type(b)().der_beta:
         out.append(("baseline.der_beta", f"run.method={m.name} is DER++ with beta = 0 (no labelled replay term); "
                                          f"set baseline.der_beta with run.method=derpp"))
     if not m.stored_logits and (b.der_alpha, b.der_beta, b.der_logits) != (type(b)().der_alpha, type(b)().der_beta,

@@ -1,11 +1,13 @@
 """THE class-incremental stage loop: dense CIL and every baseline, one stage `task{t}` per task.
 
-A method here (dense CIL in llt.methods.dense; finetune, joint, replay, lwf, ewc, icarl, one module each)
-says only what differs between them: which images it trains on (`new_indices`; the exemplar memory when its
-registry entry has one), its loss terms (`recipe`; None: the original's five-term loss with lottery
-teaching), whether a frozen copy of the previous model teaches it (`uses_teacher`), what it keeps after a
-task (`after_task`, e.g. EWC's Fisher information) and how it classifies (`evaluate`, e.g. iCaRL's nearest
-mean of exemplars). Everything else happens here, once for all of them: the stream, class order, splits,
+A method here (dense CIL in llt.methods.dense; finetune, joint, replay, derpp/der, erace, lwf, ewc, icarl,
+one module each) says only what differs between them: which images it trains on (`new_indices`; what its
+memory batches replay, `rehearsal`: the exemplar memory when its registry entry has one), its loss
+(`recipe`: the Recipe's terms, or a `loss_fn` of its own over the loop's Step; None: the original's
+five-term loss with lottery teaching), what it keeps after a task (`after_task`, e.g. EWC's Fisher
+information, DER's stored logits) and how it classifies (`evaluate`, e.g. iCaRL's nearest mean of
+exemplars). What it *is* (memory, old data, a frozen teacher, cross-entropy scope, batching, step budget)
+is its registry entry, read here, never restated by the class. Everything else happens here, once for all of them: the stream, class order, splits,
 the exemplar memory (herded from the task's model after each task when data.exemplar_selection=herding),
 the optimisation budget (Engine.fit: the same SGD steps per epoch for every method), the epoch selection
 (`select_on`), the accuracy function, records and summary, so `llt report` compares them directly.
