@@ -31,16 +31,18 @@ extra=()
 [ -n "${EPOCHS:-}" ] && extra+=(--set train.epochs="$EPOCHS")
 [ -n "${TASK_SET:-}" ] && extra+=(${TASK_SET})
 [ "$data" != none ] && extra+=(--data-dir "$data")
+tag="${WIDTH:+-w$WIDTH}${EPOCHS:+-e$EPOCHS}"      # a smoke test's runs never stand for the protocol's
 for p in $presets; do
-  if pgrep -f "run.name=$p " > /dev/null || ls "$runs"/$p-*/summary.json > /dev/null 2>&1; then continue; fi
-  setsid nohup python -m llt run --preset "$p" --out "$runs" --quiet --set run.name="$p" "${extra[@]}" \
-    > "$runs/$p.log" 2>&1 < /dev/null &
+  name="$p$tag"
+  if pgrep -f "run.name=$name " > /dev/null || ls "$runs"/$name-*/summary.json > /dev/null 2>&1; then continue; fi
+  setsid nohup python -m llt run --preset "$p" --out "$runs" --quiet --set run.name="$name" "${extra[@]}" \
+    > "$runs/$name.log" 2>&1 < /dev/null &
 done
 deadline=$(( $(date +%s) + ${WAIT:-540} ))
 while [ "$(date +%s)" -lt "$deadline" ] && pgrep -f "llt run --preset seq-cifar10" > /dev/null; do sleep 10; done
-python - "$runs" "$out" $presets <<'PY'
-import glob, json, sys
-runs, out, presets = sys.argv[1], sys.argv[2], sys.argv[3:]
+python - "$runs" "$out" "$tag" $presets <<'PY'
+import glob, json, os, subprocess, sys
+runs, out, tag, presets = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 # Mammoth's seq-CIFAR-10 class-IL accuracy (%), Buzzega et al. 2020, Table 2 / Mammoth's README
 mammoth = {"seq-cifar10-er-200": 44.79, "seq-cifar10-er-500": 57.74, "seq-cifar10-icarl-200": 49.02,
            "seq-cifar10-icarl-500": 47.55, "seq-cifar10-derpp-200": 64.88, "seq-cifar10-derpp-500": 72.70,
@@ -49,8 +51,9 @@ mammoth = {"seq-cifar10-er-200": 44.79, "seq-cifar10-er-500": 57.74, "seq-cifar1
 with open(out, "w") as f:
     for p in presets:
         row = {"preset": p, "mammoth_class_il": mammoth.get(p)}
-        done = glob.glob(f"{runs}/{p}-*/summary.json")
-        tasks = [json.loads(l) for d in glob.glob(f"{runs}/{p}-*/records.jsonl") for l in open(d)]
+        name = p + tag
+        done = glob.glob(f"{runs}/{name}-*/summary.json")
+        tasks = [json.loads(l) for d in glob.glob(f"{runs}/{name}-*/records.jsonl") for l in open(d)]
         tasks = [t for t in tasks if t.get("event") == "task"]
         if done:
             s = json.load(open(done[0]))
@@ -58,7 +61,10 @@ with open(out, "w") as f:
                        llt_learning_accuracy=s.get("mean_learning_accuracy_incremental"),
                        seconds=round(sum(t.get("seconds", 0) for t in tasks), 1))
         else:
-            row.update(state=f"running: {len(tasks)} of 5 tasks" if tasks else "running or not started",
+            alive = subprocess.run(["pgrep", "-f", f"run.name={name} "], capture_output=True).returncode == 0
+            state = f"{len(tasks)} of 5 tasks" if tasks else "no task finished"
+            log = f"{runs}/{name}.log"
+            row.update(state=("running: " if alive else f"stopped, see {log}: ") + state,
                        llt_sa_so_far=round(tasks[-1]["sa"], 2) if tasks else None)
         f.write(json.dumps(row) + "\n")
         print(f"{p:<24} Mammoth {row['mammoth_class_il']!s:>6}  llt {row.get('llt_final_sa', '-')!s:>6}  {row['state']}")

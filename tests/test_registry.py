@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,12 +89,22 @@ def test_reading_the_registry_imports_no_training_code():
 
 
 def literal_name_comparisons(source: str, where: str = "") -> list[str]:
-    """Comparisons (==, !=, in, not in) of anything with a method name outside the registry: a constant that is a
-    method name, against an expression whose source mentions `method` (run.method, summary["method"], a variable
-    named method), or a container of such constants."""
+    """Branches on a literal method name: a comparison (==, !=, in, not in) of a constant that is a method name
+    (or a container of such constants) with an expression whose source mentions `method` or `name`
+    (run.method, summary["method"], info.name, a variable named method); a `match` case on such a constant;
+    and `REGISTRY["..."]` with a literal key. The same strings in other roles ("joint" as a BatchNorm mode,
+    "finetune" as a rewind mode, "stream" as a stage name) are not flagged."""
     names = set(REGISTRY)
     out = []
     for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "REGISTRY" \
+                and isinstance(node.slice, ast.Constant) and node.slice.value in names:
+            out.append(f"{where}:{node.lineno} REGISTRY[{node.slice.value!r}]")
+        if isinstance(node, ast.match_case):
+            consts = {n.value.value for n in ast.walk(node.pattern)
+                      if isinstance(n, ast.MatchValue) and isinstance(n.value, ast.Constant) and n.value.value in names}
+            if consts:
+                out.append(f"{where}:{node.pattern.lineno} case {sorted(consts)}")
         if not isinstance(node, ast.Compare):
             continue
         operands = [node.left, *node.comparators]
@@ -101,7 +112,7 @@ def literal_name_comparisons(source: str, where: str = "") -> list[str]:
         for op in operands:
             items = op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]
             consts |= {e.value for e in items if isinstance(e, ast.Constant) and e.value in names}
-        if consts and any("method" in ast.unparse(op) for op in operands
+        if consts and any("method" in ast.unparse(op) or "name" in ast.unparse(op) for op in operands
                           if not isinstance(op, (ast.Constant, ast.Tuple, ast.List, ast.Set))):
             out.append(f"{where}:{node.lineno} {sorted(consts)}")
     return out
@@ -118,10 +129,13 @@ def test_no_module_branches_on_a_literal_method_name():
 
 
 @pytest.mark.parametrize("planted", ['if method == "replay":\n    pass\n', 'x = cfg.run.method != "bu"\n',
-                                     'ok = summary["method"] in ("td",)\n', 'y = "icarl" == self.method\n'])
+                                     'ok = summary["method"] in ("td",)\n', 'y = "icarl" == self.method\n',
+                                     'z = self.info.name == "der"\n', 'w = REGISTRY["replay"].memory\n',
+                                     'match cfg.run.method:\n    case "bu":\n        pass\n'])
 def test_the_literal_name_guard_catches_a_planted_comparison(planted):
     assert literal_name_comparisons(planted), planted
     assert not literal_name_comparisons('if mode == "joint":\n    pass\n')     # a BatchNorm mode, not a method
+    assert not literal_name_comparisons('done = rd.stage_done("stream")\n')
 
 
 def test_method_classes_do_not_restate_registry_traits():
@@ -130,5 +144,7 @@ def test_method_classes_do_not_restate_registry_traits():
         if not m.runnable or "." not in m.target.split(":")[1]:
             continue
         cls = getattr(importlib.import_module(m.target.split(":")[0]), m.target.split(":")[1].split(".")[0])
-        for trait in ("name", "uses_teacher", "local_ce", "default_batching", "memory", "teacher", "ce_scope"):
-            assert trait not in vars(cls), (cls.__name__, trait)
+        traits = {f.name for f in dataclasses.fields(registry.Method)} | {"uses_teacher", "local_ce", "default_batching"}
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("llt.methods"):
+                assert not traits & set(vars(klass)), (klass.__name__, traits & set(vars(klass)))

@@ -76,7 +76,7 @@ def test_stored_logits_are_never_rewritten():
 
 
 def test_a_derpp_run_keeps_the_logits_of_each_exemplar_from_when_it_was_stored(tmp_path):
-    assert run(tmp_path, "derpp") == 0
+    assert run(tmp_path, "derpp", "--set", "train.precision=fp32") == 0
     [rd] = list(tmp_path.iterdir())
     tables = [load_checkpoint(rd / f"checkpoints/task{t}-der_logits.pt")[0] for t in (1, 2, 3)]
     assert [int(x["idx"].numel()) for x in tables] == [10, 20, 30]            # 5 exemplars x 2 classes per task
@@ -117,11 +117,25 @@ def fit(recipe, memory_idx, seed=0):
     return res.last_state
 
 
-def test_derpp_with_alpha_and_beta_zero_takes_the_same_steps_as_finetuning():
+def derpp_recipe(scope: str, alpha: float, beta: float, t: int = 1) -> Recipe:
+    """DERpp(eng).recipe(t) for a config with these settings (the method class builds it, as in a run)."""
+    from types import SimpleNamespace
+
+    cfg = load_config("demo", ["run.method=derpp", f"baseline.der_logits={scope}", f"baseline.der_alpha={alpha}",
+                               f"baseline.der_beta={beta}"])
+    images, _ = toy_data()
+    eng = SimpleNamespace(cfg=cfg, model=build_model(2, 2, width=4),
+                          ctx=SimpleNamespace(train_images=images, device=torch.device("cpu")))
+    return DERpp(eng).recipe(t)
+
+
+@pytest.mark.parametrize("scope", ["seen", "all"])
+def test_derpp_with_alpha_and_beta_zero_takes_the_same_steps_as_finetuning(scope):
     images, labels = toy_data()
     memory = torch.nonzero(labels < 2).flatten()[:6]
-    m = der(0.0, 0.0)
-    derpp = Recipe(loss_fn=m.loss, terms=("der", 0.0, 0.0, "seen"), memory_batches=0, batching="balanced")
+    derpp = derpp_recipe(scope, 0.0, 0.0)
+    assert derpp.memory_batches == 0 and derpp.heads == (2 if scope == "all" else 0)
+    assert derpp_recipe(scope, 0.2, 0.5).memory_batches == 2 and derpp_recipe(scope, 0.2, 0.0).memory_batches == 1
     plain = fit(Recipe(batching="balanced"), torch.empty(0, dtype=torch.int64))      # fine-tuning: no memory
     mine = fit(derpp, memory)
     assert all(torch.equal(plain[k], mine[k]) for k in plain)
@@ -211,7 +225,8 @@ def test_joint_visits_every_seen_image_once_per_epoch(monkeypatch, tmp_path):
 def test_rehearsal_config_rules(sets, message):
     with pytest.raises(LLTError, match=message):
         load_config("demo", sets)
-    assert load_config("demo", ["run.method=derpp", "baseline.der_logits=all"]).baseline.der_logits == "all"
+    assert load_config("demo", ["run.method=derpp", "baseline.der_logits=seen"]).baseline.der_logits == "seen"
+    assert load_config("demo", ["run.method=derpp"]).baseline.der_logits == "all"          # chosen on validation
 
 
 REHEARSAL_PRESETS = sorted(p for p in __import__("llt.presets", fromlist=["x"]).available_presets()

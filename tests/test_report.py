@@ -249,3 +249,38 @@ def test_a_task_below_chance_right_after_it_was_learned_is_named_before_any_tabl
     assert md.index("## Warning: tasks below chance") < md.index("## Comparison")
     assert "| cil-s1 | 2 | 20.00 | 25.00 |" in md and "| cil-s2 |" not in md
     assert "WARNING: 1 task(s) scored below chance" in capsys.readouterr().err
+
+
+def test_baselines_and_dense_are_also_paired_against_balanced_replay(tmp_path):
+    """Issue 27: the registry's second reference, balanced replay: every baseline and dense CIL minus it on the same
+    seed (comparison.csv's minus_replay_*); the tickets are compared with dense only; a replay run with concat
+    batching or under a ticket is not the reference (it is compared with it)."""
+    def run_with(name, method, seed, final, **baseline):
+        path = synthetic(tmp_path, name, method, seed, final)
+        if baseline:
+            cfg = RunConfig()
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, method=method, seed=seed),
+                                      baseline=dataclasses.replace(cfg.baseline, **baseline))
+            RunDir(path).write_json("manifest.json", {"config": to_tree(cfg)})
+        return path
+
+    for s, (dense, replay, derpp, concat) in enumerate(((50.0, 48.0, 55.0, 40.0), (52.0, 49.0, 58.0, 41.0))):
+        run_with(f"cil-s{s}", "cil", s, dense)
+        run_with(f"replay-s{s}", "replay", s, replay)
+        run_with(f"derpp-s{s}", "derpp", s, derpp)
+        run_with(f"concat-s{s}", "replay", s, concat, replay_batching="concat")
+        run_with(f"bu-s{s}", "bu", s, 45.0)
+    run_with("ticket-replay-s0", "replay", 0, 30.0, mask_from="somewhere")
+    out = tmp_path / "report"
+    assert main(["report", *map(str, sorted(tmp_path.iterdir())), "--out", str(out)]) == 0
+    rows = {r["group"].split(" (")[0] + ("/concat" if "concat" in r["group"] else "")
+            + ("/ticket" if "mask_from=somewhere" in r["group"] else ""): r
+            for r in csv.DictReader(open(out / "comparison.csv"))}
+    assert float(rows["DER++"]["minus_replay_final_sa_mean"]) == 8.0          # 55-48, 58-49
+    assert float(rows["DER++"]["minus_dense_final_sa_mean"]) == 5.5
+    assert float(rows["Dense"]["minus_replay_final_sa_mean"]) == 2.5          # dense - replay: 2, 3
+    assert float(rows["Replay/concat"]["minus_replay_final_sa_mean"]) == -8.0
+    assert rows["Bottom-Up"]["minus_replay_final_sa_mean"] == "" and rows["Replay"]["minus_replay_final_sa_mean"] == ""
+    assert float(rows["Replay/ticket"]["minus_replay_final_sa_mean"]) == -18.0       # one seed: 30 - 48
+    md = (out / "report.md").read_text()
+    assert "| method - replay (Replay" in md

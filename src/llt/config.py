@@ -157,6 +157,10 @@ class BaselineSection:
     ewc_alpha: float = _f(0.5, "ewc: Fisher accumulation over tasks from F = 0, F <- alpha F + (1 - alpha) F_task "
                           "(FACIL's rule and default); 0 keeps only the newest task's Fisher")
     icarl_temperature: float = _f(1.0, "icarl: temperature of the old model's sigmoid targets (Rebuffi et al. 2017: 1)")
+    icarl_bce: str = _f("sum", "icarl: the binary cross-entropy summed over the seen classes and averaged over the batch "
+                        "('sum': gradients of the size of cross-entropy's, so the tickets' learning rate serves) or "
+                        "averaged over both ('mean': iCaRL's code and Mammoth, whose learning rates assume it)",
+                        ("sum", "mean"))
     ce_scope: str = _f("auto", "cross-entropy of finetune, lwf and ewc over 'local': the current task's classes "
                        "(FACIL, PyCIL), or 'global': every seen class; 'auto': local for lwf and ewc, global for "
                        "finetune", ("auto", "local", "global"))

@@ -17,14 +17,16 @@ original pass (the unlabeled images twice, the task-1 batch twice): loss and gra
 five-pass step (tests/test_trainer.py). docs/training.md has the modes and the measurements behind the
 default.
 
-Class-incremental baselines (llt.methods: finetune, joint, replay, lwf, ewc, icarl) train through the same
-loop with a `Recipe` and the same optimisation budget: as many SGD steps per epoch as the lottery loop takes
+Class-incremental baselines (llt.methods: finetune, joint, replay, derpp/der, erace, lwf, ewc, icarl) train
+through the same loop with a `Recipe` and, by default, the same optimisation budget (joint, the upper bound,
+and baseline.steps=pass take one pass over their own data instead): as many SGD steps per epoch as the lottery loop takes
 (one pass over the task's data plus the memory, in batches of batch_size on task 1 and batch_size // 4
 after), each step drawing that many images of the method's own training set (the task's data; with
 `concat` replay the task's data and the memory shuffled together; with `balanced` replay as many memory
 images again beside them). The loss is made of the terms the method has: cross-entropy over the seen heads
 (or iCaRL's sigmoid binary cross-entropy), distillation of old logits from a frozen teacher (LwF, iCaRL),
-and a parameter penalty (EWC). Only the balanced (main) branch is trained and evaluated for them. Every
+and a parameter penalty (EWC); a method that owns its loss (DER++, ER-ACE) gives `Recipe.loss_fn`, called
+with a `Step`. Only the balanced (main) branch is trained and evaluated for them. Every
 epoch records its steps and the new, memory and unlabeled images they drew.
 
 The trainer knows nothing of tickets: the `mask` argument of `fit_task` (a Mask, checked against the
@@ -96,7 +98,7 @@ class Schedule:
 class Recipe:
     """The loss terms of a class-incremental baseline (every task, the first included):
 
-    loss          "ce": softmax cross-entropy over the heads of the seen tasks; "bce": iCaRL's sigmoid
+    loss          "ce": softmax cross-entropy over the heads of the seen tasks; "bce" ("bce-mean"): iCaRL's sigmoid
                   binary cross-entropy against one-hot targets, the old classes' targets replaced by the
                   teacher's sigmoid outputs, summed over classes and averaged over the batch
     distill       LwF: weight of the soft cross-entropy of the old heads to the teacher's (not T^2-scaled)
@@ -306,13 +308,15 @@ class Trainer:
         teacher's logits over the k old heads (None without a teacher or on task 1)."""
         with self._autocast():
             z = self.model(x, k + 1, "main").float()
-        if r.loss == "bce":
+        if r.loss in ("bce", "bce-mean"):
             target = F.one_hot(y, z.shape[1]).float()
             if old is not None:
                 target[:, :old.shape[1]] = torch.sigmoid(old.float() / r.temperature)
             # summed over the seen classes, averaged over the batch: gradients of the size of CE's, so the
             # tickets' learning rate serves (a mean over classes too, as iCaRL's Theano code, needs lr 2.0)
             loss = F.binary_cross_entropy_with_logits(z, target, reduction="sum") / z.shape[0]
+            if r.loss == "bce-mean":        # baseline.icarl_bce=mean: over the classes too (iCaRL's code, Mammoth)
+                loss = loss / z.shape[1]
         else:
             loss = F.cross_entropy(z[:, r.ce_offset:], y - r.ce_offset) if r.ce_offset else F.cross_entropy(z, y)
             if old is not None and r.distill:

@@ -30,6 +30,7 @@ class StoredLogits:
         self.idx = torch.empty(0, dtype=torch.int64)
         self.logits = torch.empty(0, 0)
         self.width = torch.empty(0, dtype=torch.int64)
+        self._dev = None                  # (logits, width) on the training device, made on first use
 
     def add(self, idx: torch.Tensor, logits: torch.Tensor, width: int) -> None:
         """Store new exemplars; an index already stored keeps its first logits (never rewritten)."""
@@ -56,8 +57,11 @@ class StoredLogits:
         if self._dev is None or self._dev[0].device != idx.device:
             self._dev = (self.logits.to(idx.device), self.width.to(idx.device))
         rows = self.lookup[idx]
-        if bool((rows < 0).any()):
-            raise RuntimeError("DER: a memory image has no stored logits")
+        if rows.device.type == "cpu":
+            if bool((rows < 0).any()):
+                raise RuntimeError("DER: a memory image has no stored logits")
+        else:                             # checked on the device, without a host sync every step
+            torch._assert_async((rows >= 0).all(), "DER: a memory image has no stored logits")
         return self._dev[0][rows], self._dev[1][rows]
 
 
@@ -108,7 +112,7 @@ class DERpp(Incremental):
     def recipe(self, t: int) -> Recipe:
         heads = self.eng.model.num_tasks if self.scope == "all" else 0
         return Recipe(loss_fn=self.loss, terms=("der", self.alpha, self.beta, self.scope), heads=heads,
-                      memory_batches=int(self.alpha != 0) + int(self.beta != 0), batching=self.batching,
+                      memory_batches=int(self.alpha != 0) + int(self.beta != 0), batching=self.memory_batching,
                       **self.budget())
 
     @torch.no_grad()

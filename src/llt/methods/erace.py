@@ -30,7 +30,7 @@ from llt.trainer import Recipe, Step
 def ace_loss(step: Step) -> torch.Tensor:
     new, z, y = step.part(0), step.logits, step.labels
     first = step.k * step.classes_per_task              # the current task's first class
-    loss = F.cross_entropy(z[new, first:], y[new] - first)
+    loss = F.cross_entropy(z[new, first:first + step.classes_per_task], y[new] - first)
     if len(step.sizes) > 1 and step.sizes[1]:
         mem = step.part(1)
         loss = loss + F.cross_entropy(z[mem], y[mem])
@@ -48,4 +48,4 @@ class ERACE(Incremental):
         return torch.cat([self.eng.memory(t), *current])
 
     def recipe(self, t: int) -> Recipe:
-        return Recipe(loss_fn=ace_loss, terms=("erace",), batching=self.batching, **self.budget())
+        return Recipe(loss_fn=ace_loss, terms=("erace",), batching=self.memory_batching, **self.budget())

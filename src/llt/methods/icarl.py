@@ -49,7 +49,9 @@ def nme_predict(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 
 class ICaRL(Incremental):
     def recipe(self, t: int) -> Recipe:
-        return Recipe(loss="bce", temperature=self.cfg.baseline.icarl_temperature, batching=self.batching,
+        b = self.cfg.baseline
+        return Recipe(loss="bce" if b.icarl_bce == "sum" else "bce-mean", temperature=b.icarl_temperature,
+                      batching=self.memory_batching,
                       **self.budget())
 
     def exemplars(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@ information, DER's stored logits) and how it classifies (`evaluate`, e.g. iCaRL'
 exemplars). What it *is* (memory, old data, a frozen teacher, cross-entropy scope, batching, step budget)
 is its registry entry, read here, never restated by the class. Everything else happens here, once for all of them: the stream, class order, splits,
 the exemplar memory (herded from the task's model after each task when data.exemplar_selection=herding),
-the optimisation budget (Engine.fit: the same SGD steps per epoch for every method), the epoch selection
+the optimisation budget (Engine.fit: the same SGD steps per epoch for every method but joint, the upper
+bound, unless baseline.steps=pass), the epoch selection
 (`select_on`), the accuracy function, records and summary, so `llt report` compares them directly.
 
 With `baseline.mask_from=RUN_DIR` (a finished Top-Down or Bottom-Up run) task t trains under that run's
@@ -69,7 +70,7 @@ class Incremental:
         return None
 
     def recipe(self, t: int) -> Recipe | None:
-        return Recipe(ce_offset=self.ce_offset(t), batching=self.batching, **self.budget())
+        return Recipe(ce_offset=self.ce_offset(t), batching=self.memory_batching, **self.budget())
 
     def budget(self) -> dict:
         """Recipe fields of the step budget: the lottery loop's steps (baseline.steps=matched, unless the registry
@@ -79,7 +80,7 @@ class Incremental:
         return {"step_matched": matched, "batch_size": 0 if matched else self.cfg.train.batch_size}
 
     @property
-    def batching(self) -> str:
+    def memory_batching(self) -> str:
         """baseline.replay_batching resolved for this method ('auto': the first of its registry entry's)."""
         mode = self.cfg.baseline.replay_batching
         return self.info.batching[0] if mode == "auto" else mode

@@ -21,4 +21,4 @@ class LwF(Incremental):
     def recipe(self, t: int) -> Recipe:
         b = self.cfg.baseline
         return Recipe(loss="ce", distill=b.lwf_lambda, temperature=b.lwf_temperature, ce_offset=self.ce_offset(t),
-                      batching=self.batching, **self.budget())
+                      batching=self.memory_batching, **self.budget())

@@ -80,15 +80,24 @@ def ticket_references(control, groups) -> list[tuple[str, str, dict[str, dict[in
     return out
 
 
+def as_reference(run, name: str) -> bool:
+    """Whether `run` is method `name` as a reference is meant: dense (no baseline.mask_from) and with the batching
+    its registry entry defaults to (balanced replay, not concat)."""
+    b = run.config.get("baseline", {})
+    return run.summary["method"] == name and not b.get("mask_from") and \
+        b.get("replay_batching", "auto") in ("auto", REGISTRY[name].batching[0])
+
+
 def references(group, groups) -> list:
     """The reference groups `group` is compared with (the registry's `reference` methods: dense CIL, balanced
-    replay), each when exactly one group of that method shares its stream and network, in registry order."""
+    replay), each when exactly one group of that method, as a reference is meant (`as_reference`), shares its
+    stream and network, in registry order."""
     key = stream_key(group.runs[0])
     out = []
     for name, m in REGISTRY.items():
         if not m.reference:
             continue
-        same = [g for g in groups if g.runs[0].summary["method"] == name and stream_key(g.runs[0]) == key]
+        same = [g for g in groups if as_reference(g.runs[0], name) and stream_key(g.runs[0]) == key]
         if len(same) == 1 and same[0] is not group:
             out.append(same[0])
     return out
@@ -105,7 +114,8 @@ def paired_comparisons(groups) -> list[dict]:
             if kind == "baseline" and (own is None or own.family not in ("baseline", "dense")):
                 continue        # a baseline reference (replay) is compared with the baselines and dense CIL
             kind = "dense" if kind == "dense" else d.runs[0].summary["method"]
-            out.append({"group": g, "comparison": f"method - {d.label.split(' ')[0].lower()}", "kind": kind,
+            ref = REGISTRY[d.runs[0].summary["method"]]
+            out.append({"group": g, "comparison": f"method - {ref.label.lower()}", "kind": kind,
                         "against": d.label,
                         **{key: paired_difference(values(g, key), values(d, key)) for key, _, _ in METRICS}})
         if is_control(g):
