@@ -24,6 +24,7 @@ run icarl --set run.method=icarl
 run derpp --set run.method=derpp      # alpha 0.2, beta 0.5, der_logits all (the default)
 run derpp-seen --set run.method=derpp --set baseline.der_logits=seen
 run der --set run.method=der
+run der-alpha1 --set run.method=der --set baseline.der_alpha=1.0
 run erace --set run.method=erace
 $llt report "$out"/*/ --out "$out/report" > /dev/null
 echo "report: $out/report/report.md"
