@@ -19,8 +19,8 @@ default.
 
 Class-incremental baselines (llt.methods: finetune, joint, replay, derpp/der, erace, lwf, ewc, icarl) train
 through the same loop with a `Recipe` and, by default, the same optimisation budget (joint, the upper bound,
-and baseline.steps=pass take one pass over their own data instead): as many SGD steps per epoch as the lottery loop takes
-(one pass over the task's data plus the memory, in batches of batch_size on task 1 and batch_size // 4
+and baseline.steps=pass take one pass over their own data instead): as many SGD steps per epoch as the
+lottery loop takes (one pass over the task's data plus the memory, in batches of batch_size on task 1 and batch_size // 4
 after), each step drawing that many images of the method's own training set (the task's data; with
 `concat` replay the task's data and the memory shuffled together; with `balanced` replay as many memory
 images again beside them). The loss is made of the terms the method has: cross-entropy over the seen heads
@@ -98,9 +98,10 @@ class Schedule:
 class Recipe:
     """The loss terms of a class-incremental baseline (every task, the first included):
 
-    loss          "ce": softmax cross-entropy over the heads of the seen tasks; "bce" ("bce-mean"): iCaRL's sigmoid
+    loss          "ce": softmax cross-entropy over the heads of the seen tasks; "bce": iCaRL's sigmoid
                   binary cross-entropy against one-hot targets, the old classes' targets replaced by the
-                  teacher's sigmoid outputs, summed over classes and averaged over the batch
+                  teacher's sigmoid outputs, summed over classes and averaged over the batch ("bce-mean":
+                  averaged over the classes too)
     distill       LwF: weight of the soft cross-entropy of the old heads to the teacher's (not T^2-scaled)
     temperature   distillation temperature (LwF) or sigmoid temperature of the teacher's targets (iCaRL)
     penalty       EWC: a callable model -> scalar tensor added to the loss (None: no penalty)
