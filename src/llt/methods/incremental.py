@@ -8,8 +8,8 @@ five-term loss with lottery teaching), what it keeps after a task (`after_task`,
 information, DER's stored logits) and how it classifies (`evaluate`, e.g. iCaRL's nearest mean of
 exemplars). What it *is* (memory, old data, a frozen teacher, cross-entropy scope, batching, step budget)
 is its registry entry, read here, never restated by the class. Everything else happens here, once for all
-of them: the stream, class order, splits, the exemplar memory (herded from the task's model after each task when data.exemplar_selection=herding),
-the optimisation budget (Engine.fit: the same SGD steps per epoch for every method but joint, the upper
+of them: the stream, class order, splits, the exemplar memory (herded from the task's model after each
+task when data.exemplar_selection=herding), the optimisation budget (Engine.fit: the same SGD steps per epoch for every method but joint, the upper
 bound, unless baseline.steps=pass), the epoch selection
 (`select_on`), the accuracy function, records and summary, so `llt report` compares them directly.
 
