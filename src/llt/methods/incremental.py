@@ -9,8 +9,8 @@ information, DER's stored logits) and how it classifies (`evaluate`, e.g. iCaRL'
 exemplars). What it *is* (memory, old data, a frozen teacher, cross-entropy scope, batching, step budget)
 is its registry entry, read here, never restated by the class. Everything else happens here, once for all
 of them: the stream, class order, splits, the exemplar memory (herded from the task's model after each
-task when data.exemplar_selection=herding), the optimisation budget (Engine.fit: the same SGD steps per epoch for every method but joint, the upper
-bound, unless baseline.steps=pass), the epoch selection
+task when data.exemplar_selection=herding), the optimisation budget (Engine.fit: the same SGD steps per
+epoch for every method but joint, the upper bound, unless baseline.steps=pass), the epoch selection
 (`select_on`), the accuracy function, records and summary, so `llt report` compares them directly.
 
 With `baseline.mask_from=RUN_DIR` (a finished Top-Down or Bottom-Up run) task t trains under that run's
