@@ -171,12 +171,14 @@ def test_a_memory_of_zero_is_refused_for_methods_that_replay_it(tmp_path, capsys
     assert err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
-def test_replay_on_a_ticket(tmp_path, capsys):
+def on_a_ticket(tmp_path, method, *extra):
+    """A tiny Top-Down run, then `method` under its tickets (baseline.mask_from): checks that the baseline reports
+    the tickets' remaining weights and that its pruned weights stay exactly zero; returns (ticket run, run)."""
     td = tmp_path / "td"
     assert main(["run", "--preset", "demo", "--out", str(td), "--quiet", "--set", "run.method=td", *TINY,
                  "--set", "prune.td_rounds=[1,1,1]", "--set", "prune.finetune_epochs=1"]) == 0
     [src] = list(td.iterdir())
-    assert run(tmp_path / "r", "replay", "--set", f"baseline.mask_from={json.dumps(str(src))}") == 0
+    assert run(tmp_path / "r", method, "--set", f"baseline.mask_from={json.dumps(str(src))}", *extra) == 0
     [rd] = list((tmp_path / "r").iterdir())
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["remaining_weights"] == json.loads((src / "summary.json").read_text())["remaining_weights"]
@@ -184,11 +186,27 @@ def test_replay_on_a_ticket(tmp_path, capsys):
     for t in (1, 2, 3):
         net.load_state_dict(load_checkpoint(rd / f"checkpoints/task{t}.pt")[0])
         assert Mask.load(src / f"masks/task{t}.pt", net).pruned_nonzero(net) == {}
+    return src, rd
+
+
+def test_replay_on_a_ticket(tmp_path, capsys):
+    src, rd = on_a_ticket(tmp_path, "replay")
     # mask_from must be a finished ticket run; it applies to baselines only
     assert run(tmp_path / "x", "replay", "--set", f"baseline.mask_from={json.dumps(str(rd))}") == 2
     assert "not a ticket run" in capsys.readouterr().err
     assert run(tmp_path / "y", "cil", "--set", f"baseline.mask_from={json.dumps(str(src))}") == 2
     assert "baseline.mask_from: applies to the baselines" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["derpp", "erace"])
+def test_rehearsal_methods_on_a_ticket_with_herding(tmp_path, method):
+    """DER++ and ER-ACE under a Top-Down run's tickets, with herded exemplars; DER++ stores the logits of the
+    herded exemplars."""
+    src, rd = on_a_ticket(tmp_path, method, "--set", "data.exemplar_selection=herding")
+    if method == "derpp":
+        herded = load_checkpoint(rd / "checkpoints/task3.pt")[1]["herded"]
+        stored = load_checkpoint(rd / "checkpoints/task3-der_logits.pt")[0]["idx"]
+        assert sorted(stored.tolist()) == sorted(i for v in herded.values() for i in v)
 
 
 def test_ewc_warns_when_lambda_makes_sgd_diverge(capsys):

@@ -255,27 +255,3 @@ def test_every_rehearsal_preset_runs_on_the_digits(tmp_path, preset):
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["method"] == load_config(preset, []).run.method and len(summary["accuracy_matrix"]) == 2
 
-
-@pytest.mark.parametrize("method", ["derpp", "erace"])
-def test_rehearsal_methods_on_a_ticket_with_herding(tmp_path, method):
-    """DER++ and ER-ACE under a Top-Down run's tickets (baseline.mask_from), with herded exemplars: the pruned
-    weights stay exactly zero, and DER++ stores the logits of the herded exemplars."""
-    from llt.pruning import Mask
-
-    td = tmp_path / "td"
-    assert main(["run", "--preset", "demo", "--out", str(td), "--quiet", "--set", "run.method=td", *TINY,
-                 "--set", "prune.td_rounds=[1,1,1]", "--set", "prune.finetune_epochs=1"]) == 0
-    [src] = list(td.iterdir())
-    assert run(tmp_path / "r", method, "--set", f"baseline.mask_from={json.dumps(str(src))}",
-               "--set", "data.exemplar_selection=herding") == 0
-    [rd] = list((tmp_path / "r").iterdir())
-    summary = json.loads((rd / "summary.json").read_text())
-    assert summary["remaining_weights"] == json.loads((src / "summary.json").read_text())["remaining_weights"]
-    net = build_model(3, 2, width=4)
-    for t in (1, 2, 3):
-        net.load_state_dict(load_checkpoint(rd / f"checkpoints/task{t}.pt")[0])
-        assert Mask.load(src / f"masks/task{t}.pt", net).pruned_nonzero(net) == {}
-    if method == "derpp":
-        herded = load_checkpoint(rd / "checkpoints/task3.pt")[1]["herded"]
-        stored = load_checkpoint(rd / "checkpoints/task3-der_logits.pt")[0]["idx"]
-        assert sorted(stored.tolist()) == sorted(i for v in herded.values() for i in v)

@@ -143,13 +143,13 @@ class Engine:
         return done.state
 
     # ------------------------------------------------------------------------------------------ memory
-    def memory(self, t: int) -> torch.Tensor:
-        """Exemplar indices for learning task t (0-based): every class of tasks 0..t-1."""
+    def memory(self, t: int, first: int = 0) -> torch.Tensor:
+        """Exemplar indices for learning task t (0-based): every class of tasks first..t-1 (first = 0: the
+        whole memory; memory(t + 1, t): the exemplars of task t's classes, once chosen)."""
         stream = self.ctx.stream
-        if stream.exemplar_selection == "herding":
-            parts = [self.herded[lab] for task in stream.tasks[:t] for lab in task.labels if lab in self.herded]
-            return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        return stream.memory(t)
+        pool = self.herded if stream.exemplar_selection == "herding" else stream.exemplars
+        parts = [pool[lab] for task in stream.tasks[first:t] for lab in task.labels if lab in pool]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def herd(self, t: int, last: bool = False) -> None:
         """With herding: the exemplars of task t's classes (0-based) from the current model's features (not

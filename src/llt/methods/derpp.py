@@ -119,11 +119,8 @@ class DERpp(Incremental):
     def after_task(self, t: int) -> dict[str, dict]:
         """Store the logits of task t's exemplars, from task t's kept model (loaded)."""
         ctx, model = self.eng.ctx, self.eng.model
-        stream = ctx.stream
-        pool = self.eng.herded if stream.exemplar_selection == "herding" else stream.exemplars
-        parts = [pool[lab] for lab in stream.tasks[t].labels if lab in pool]
-        if parts:
-            idx = torch.cat(parts)
+        idx = self.eng.memory(t + 1, first=t)         # the exemplars of task t's classes (herded already)
+        if idx.numel():
             was = model.training
             model.eval()
             out = []
@@ -132,7 +129,7 @@ class DERpp(Incremental):
                 with self.eng.trainer._autocast():
                     out.append(model(x, model.num_tasks, "main").float())
             model.train(was)
-            self.stored.add(idx, torch.cat(out), (t + 1) * stream.classes_per_task)
+            self.stored.add(idx, torch.cat(out), (t + 1) * ctx.stream.classes_per_task)
         return {"der_logits": self.stored.state()}
 
     def restore(self, t: int, extra: dict[str, dict]) -> None:

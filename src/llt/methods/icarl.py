@@ -56,11 +56,8 @@ class ICaRL(Incremental):
 
     def exemplars(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and labels of the exemplars of every class seen after task t."""
-        stream = self.eng.ctx.stream          # (with herding, task t's classes are herded already)
-        pool = self.eng.herded if stream.exemplar_selection == "herding" else stream.exemplars
-        labels = [lab for task in stream.tasks[: t + 1] for lab in task.labels]
-        idx = torch.cat([pool[lab] for lab in labels])
-        return idx, stream.train_labels[idx]
+        idx = self.eng.memory(t + 1)          # (with herding, task t's classes are herded already)
+        return idx, self.eng.ctx.stream.train_labels[idx]
 
     def evaluate(self, t: int) -> tuple[dict, dict]:
         ctx, eng = self.eng.ctx, self.eng
